@@ -1,0 +1,127 @@
+"""Typed configuration of an LDEQ model and its solver, with the published defaults."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+# Keypoint layouts the model accepts (n_keypoints -> name).  98 = WFLW, 68 = 300W, 29 = COFW, 19 = AFLW.
+LAYOUTS = {98: "wflw98", 68: "300w68", 29: "cofw29", 19: "aflw19"}
+SOLVERS = ("anderson", "fpi", "broyden")
+STOP_MODES = ("rel", "abs")
+MODEL_MODES = ("implicit", "explicit")
+CELL_NORMS = ("softargmax", "linear", "none")
+SEMANTICS = ("per_sample", "published")
+LAM_MODES = ("scaled", "absolute")
+GRAD_MODES = ("ift", "phantom", "jfb")
+
+
+@dataclass
+class LDEQConfig:
+    # --- architecture (published defaults) ---
+    n_keypoints: int = 98
+    extra_latent_width: int = 0          # extra z channels beyond the heatmaps ("cell_extra_latent_width")
+    injection_width: int = 224
+    cell_base_width: int = 224
+    cell_width_increment: int = 24
+    cell_gn_groups: int = 1
+    cell_norm: str = "softargmax"        # heatmap normalisation applied inside the cell
+    softargmax_beta: float = 1.0
+    learn_softargmax_beta: bool = False
+    heatmap_size: int = 64
+    im_size: int = 256
+    # --- DEQ / solver (published defaults) ---
+    model_mode: str = "implicit"
+    explicit_depth: int = 5
+    cell_use_bn_for_explicit: bool = False
+    solver: str = "anderson"
+    max_iters: int = 10
+    stop_mode: str = "rel"
+    rel_tol: float = 5e-3
+    abs_tol: float = 5e-3
+    anderson_m: int = 6
+    anderson_lam: float = 1e-4
+    anderson_beta: float = 1.0
+    stochastic_max_iters: bool = False
+    take_one_less_inference_step: bool = False
+    # --- ldeq_fast extensions ---
+    solver_semantics: str = "per_sample"  # 'published' reproduces batch-mean stopping for parity runs
+    lam_mode: str = "scaled"              # Anderson regulariser relative to the Gram diagonal
+    check_every: int = 1                  # host looks at convergence every k iterations (0: never)
+    grad_mode: str = "ift"
+    phantom_steps: int = 5
+    phantom_damping: float = 0.8
+    backward_max_iters: int = 0           # 0: same as max_iters
+    backend: str = "auto"                 # auto | torch | triton | cpp | cuda
+    extra: dict = field(default_factory=dict, repr=False)  # free-form notes (kept in checkpoints)
+
+    def __post_init__(self):
+        self.validate()
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def z_width(self) -> int:
+        return self.n_keypoints + self.extra_latent_width
+
+    @property
+    def tol(self) -> float:
+        return self.rel_tol if self.stop_mode == "rel" else self.abs_tol
+
+    @property
+    def stem_stride(self) -> int:
+        return self.im_size // self.heatmap_size
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def check(cond, msg):
+            if not cond:
+                raise ValueError(f"LDEQConfig: {msg}")
+
+        check(self.n_keypoints in LAYOUTS, f"n_keypoints={self.n_keypoints} is not a known layout {sorted(LAYOUTS)}")
+        check(self.extra_latent_width >= 0, "extra_latent_width must be >= 0")
+        for name in ("injection_width", "cell_base_width", "heatmap_size", "im_size", "max_iters", "anderson_m"):
+            check(int(getattr(self, name)) >= 1, f"{name} must be >= 1 (got {getattr(self, name)})")
+        check(self.cell_width_increment >= 0, "cell_width_increment must be >= 0")
+        check(self.injection_width % 4 == 0, "injection_width must be a multiple of 4 (stem widths w/4, w/2, w)")
+        check(self.im_size == 4 * self.heatmap_size, f"im_size must be 4 x heatmap_size (stem stride 4); got "
+              f"{self.im_size} and {self.heatmap_size}")
+        check(self.heatmap_size % 16 == 0, "heatmap_size must be a multiple of 16 (4 hourglass poolings)")
+        for name in ("cell_base_width",):
+            w = getattr(self, name)
+            for k in range(5):
+                width = w + k * self.cell_width_increment
+                check(width % self.cell_gn_groups == 0,
+                      f"cell_gn_groups={self.cell_gn_groups} must divide every hourglass width (not {width})")
+        check(self.model_mode in MODEL_MODES, f"model_mode must be one of {MODEL_MODES}")
+        check(self.cell_norm in CELL_NORMS, f"cell_norm must be one of {CELL_NORMS}")
+        check(self.solver in SOLVERS, f"solver must be one of {SOLVERS}")
+        check(self.stop_mode in STOP_MODES, f"stop_mode must be one of {STOP_MODES}")
+        check(self.solver_semantics in SEMANTICS, f"solver_semantics must be one of {SEMANTICS}")
+        check(self.lam_mode in LAM_MODES, f"lam_mode must be one of {LAM_MODES}")
+        check(self.grad_mode in GRAD_MODES, f"grad_mode must be one of {GRAD_MODES}")
+        check(self.backend in ("auto", "torch", "triton", "cpp", "cuda"), "backend must be auto|torch|triton|cpp|cuda")
+        check(self.softargmax_beta > 0, "softargmax_beta must be > 0")
+        check(self.rel_tol >= 0 and self.abs_tol >= 0, "tolerances must be >= 0")
+        check(self.check_every >= 0, "check_every must be >= 0")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LDEQConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LDEQConfig: unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**dict(d))
+
+    def replace(self, **changes) -> "LDEQConfig":
+        return LDEQConfig.from_dict({**self.to_dict(), **changes})
+
+    @classmethod
+    def small(cls, **changes) -> "LDEQConfig":
+        """A narrow model with the published structure, for tests and quick CPU runs."""
+        base = dict(injection_width=32, cell_base_width=32, cell_width_increment=8, heatmap_size=32, im_size=128)
+        base.update(changes)
+        return cls.from_dict(base)

@@ -1,0 +1,165 @@
+"""Building blocks of the LDEQ architecture (module and parameter names follow the published code,
+so published state_dicts load without renaming)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAKY_SLOPE = 0.01
+
+
+class ConvBlock(nn.Module):
+    """conv (bias, same padding) -> LeakyReLU(0.01) -> norm.  The norm comes *after* the activation."""
+
+    def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, norm: str = "bn",
+                 gn_groups: int = 1, act: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=(kernel - 1) // 2, bias=True)
+        self.act = act
+        if norm == "bn":
+            self.norm = nn.BatchNorm2d(cout)
+        elif norm == "gn":
+            self.norm = nn.GroupNorm(gn_groups, cout)
+        elif norm == "none":
+            self.norm = None
+        else:
+            raise ValueError(f"unknown norm {norm!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv(x)
+        if self.act:
+            out = F.leaky_relu(out, LEAKY_SLOPE)
+        if self.norm is not None:
+            out = self.norm(out)
+        return out
+
+
+class Hourglass(nn.Module):
+    """Depth-4 hourglass; widths w, w+i, w+2i, w+3i, w+4i.  Attribute names match the published model
+    (including its spelling 'bottlneck')."""
+
+    def __init__(self, w: int, i: int, norm: str = "gn", gn_groups: int = 1):
+        super().__init__()
+        w1, w2, w3, w4 = w + i, w + 2 * i, w + 3 * i, w + 4 * i
+
+        def block(cin, cout, k):
+            return ConvBlock(cin, cout, k, norm=norm, gn_groups=gn_groups)
+
+        self.same1, self.upchan1 = block(w, w, 3), block(w, w1, 3)
+        self.same2, self.upchan2 = block(w1, w1, 3), block(w1, w2, 3)
+        self.same3, self.upchan3 = block(w2, w2, 3), block(w2, w3, 3)
+        self.same4, self.upchan4 = block(w3, w3, 3), block(w3, w4, 3)
+        self.bottlneck = block(w4, w4, 3)
+        self.downchan1, self.downchan2, self.same5 = block(w4, w3, 3), block(2 * w3, w3, 1), block(w3, w3, 5)
+        self.downchan3, self.downchan4, self.same6 = block(w3, w2, 3), block(2 * w2, w2, 1), block(w2, w2, 5)
+        self.downchan5, self.downchan6, self.same7 = block(w2, w1, 3), block(2 * w1, w1, 1), block(w1, w1, 5)
+        self.downchan7, self.downchan8, self.same8 = block(w1, w, 3), block(2 * w, w, 1), block(w, w, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        out = x
+        for same, upchan in ((self.same1, self.upchan1), (self.same2, self.upchan2),
+                             (self.same3, self.upchan3), (self.same4, self.upchan4)):
+            s = same(out)
+            skips.append(s)
+            out = upchan(F.avg_pool2d(s, 2, 2))
+        out = self.bottlneck(out)
+        for narrow, fuse, same in ((self.downchan1, self.downchan2, self.same5),
+                                   (self.downchan3, self.downchan4, self.same6),
+                                   (self.downchan5, self.downchan6, self.same7),
+                                   (self.downchan7, self.downchan8, self.same8)):
+            up = F.interpolate(narrow(out), scale_factor=2, mode="nearest")
+            fused = fuse(torch.cat((skips.pop(), up), 1))
+            out = same(fused) + fused
+        return out
+
+
+def softargmax_normalize(h: torch.Tensor, beta) -> torch.Tensor:
+    """exp(beta * (h - max_{H,W} h)) per channel: heatmaps in (0, 1] peaking at exactly 1."""
+    return torch.exp(beta * (h - h.amax(dim=(2, 3), keepdim=True)))
+
+
+def linear_normalize(h: torch.Tensor) -> torch.Tensor:
+    lo, hi = h.amin(dim=(2, 3), keepdim=True), h.amax(dim=(2, 3), keepdim=True)
+    return (h - lo) / (hi - lo + 1e-5)
+
+
+class HeatmapNorm(nn.Module):
+    """The cell's last op: maps head features to heatmaps in [0, 1]."""
+
+    def __init__(self, channels: int, mode: str = "softargmax", beta: float = 1.0, learn_beta: bool = False):
+        super().__init__()
+        self.mode = mode
+        if mode == "softargmax" and learn_beta:
+            # softplus(raw) = beta at init; one beta per channel
+            raw = torch.full((channels,), float(beta)).expm1().log()
+            self.beta_raw = nn.Parameter(raw)
+        else:
+            self.beta_raw = None
+            self.beta = float(beta)
+
+    def effective_beta(self):
+        if self.beta_raw is None:
+            return self.beta
+        return F.softplus(self.beta_raw).view(1, -1, 1, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.mode == "softargmax":
+            return softargmax_normalize(h, self.effective_beta())
+        if self.mode == "linear":
+            return linear_normalize(h)
+        return h
+
+
+def heatmaps_to_keypoints(heatmaps: torch.Tensor):
+    """Expected coordinates of normalised heatmaps.
+
+    Returns (keypoints (B,K,2) in [0,1) as (x, y) / H, spread (B,K), published_uncertainty (B,K)).
+    ``spread`` is the true RMS spread sqrt(0.5 var_x + 0.5 var_y) / H around the mean (pixel units
+    for both terms).  ``published_uncertainty`` reproduces the published formula, which subtracts the
+    normalised mean from pixel indices and so measures position rather than spread.
+    """
+    B, K, H, W = heatmaps.shape
+    hm = heatmaps.float()
+    p = hm / (1e-4 + hm.sum(dim=(2, 3), keepdim=True))
+    cols = torch.arange(W, device=hm.device, dtype=hm.dtype).view(1, 1, 1, W)
+    rows = torch.arange(H, device=hm.device, dtype=hm.dtype).view(1, 1, H, 1)
+    px, py = p.sum(dim=2), p.sum(dim=3)          # marginals (B,K,W), (B,K,H)
+    mx = (px * cols.view(1, 1, W)).sum(-1)       # mean column, pixels
+    my = (py * rows.view(1, 1, H)).sum(-1)
+    kpts = torch.stack((mx / H, my / H), dim=2)
+    var_x = (px * (cols.view(1, 1, W) - mx.unsqueeze(-1)) ** 2).sum(-1)
+    var_y = (py * (rows.view(1, 1, H) - my.unsqueeze(-1)) ** 2).sum(-1)
+    spread = torch.sqrt(0.5 * var_x + 0.5 * var_y) / H
+    pvx = (px * (cols.view(1, 1, W) - (mx / H).unsqueeze(-1)) ** 2).sum(-1)
+    pvy = (py * (rows.view(1, 1, H) - (my / H).unsqueeze(-1)) ** 2).sum(-1)
+    published = torch.sqrt(0.5 * pvx + 0.5 * pvy) / H
+    return kpts, spread, published
+
+
+class Cell(nn.Module):
+    """f(z, x) = heatmap_norm(head(hourglass(tail(cat[z, x]))))."""
+
+    def __init__(self, cfg, norm: str = "gn"):
+        super().__init__()
+        self.tail = ConvBlock(cfg.z_width + cfg.injection_width, cfg.cell_base_width, 1, norm=norm,
+                              gn_groups=cfg.cell_gn_groups)
+        self.hourglass = Hourglass(cfg.cell_base_width, cfg.cell_width_increment, norm=norm,
+                                   gn_groups=cfg.cell_gn_groups)
+        self.head = ConvBlock(cfg.cell_base_width, cfg.z_width, 1, norm="none", act=False)
+        self.features_to_heatmaps = HeatmapNorm(cfg.z_width, cfg.cell_norm, cfg.softargmax_beta,
+                                                cfg.learn_softargmax_beta)
+
+    def forward(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
+        out = self.tail(torch.cat((z, injection), 1))
+        out = self.hourglass(out)
+        return self.features_to_heatmaps(self.head(out))
+
+
+class Stem(nn.Sequential):
+    """Conv7x7/2 -> Conv3x3 -> MaxPool2 -> Conv3x3, BatchNorm; published name 'tail'."""
+
+    def __init__(self, width: int):
+        super().__init__(ConvBlock(3, width // 4, 7, 2), ConvBlock(width // 4, width // 2, 3, 1),
+                         nn.MaxPool2d(2, 2), ConvBlock(width // 2, width, 3, 1))
