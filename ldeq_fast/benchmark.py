@@ -1,0 +1,130 @@
+"""``ldeq-fast bench``: the model on random images, timed on every available path, side by side.
+
+Each path is the same LDEQ weights run a different way.  Paths are interleaved (A, B, A, B, ...) and
+each figure is the median of the repeats, so drift on a noisy machine hits every path alike.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ldeq_fast.config import LDEQConfig
+from ldeq_fast.machine import machine_info
+from ldeq_fast.model.ldeq import LDEQ
+
+
+@dataclass
+class Path:
+    name: str
+    description: str
+    config: dict = field(default_factory=dict)   # LDEQConfig overrides for this path
+    available: bool = True
+    why_unavailable: str = ""
+
+
+def available_paths(device: torch.device) -> list[Path]:
+    """Every way to run the model here.  The first path is the reference the others are compared with."""
+    from ldeq_fast import _ext
+
+    paths = [
+        Path("reference", "per-sample Anderson, plain PyTorch solver and eager cell", {"backend": "torch"}),
+        Path("published", "published semantics (batch-mean stop), eager", {"backend": "torch",
+                                                                            "solver_semantics": "published"}),
+    ]
+    try:
+        import ldeq_fast.solvers.fused  # noqa: F401
+
+        fused_ok, why = True, ""
+    except ImportError as exc:
+        fused_ok, why = False, f"fused solver not importable: {exc}"
+    if device.type == "cpu" and not _ext.has_cpp():
+        fused_ok, why = False, _ext.missing_reason()
+    paths.append(Path("fast", "fused solver engine (C++/Triton/CUDA by device)", {"backend": "auto"},
+                      fused_ok, why))
+    return paths
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device="cpu", seed=0,
+              paths=None, progress=True) -> dict:
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    cfg = LDEQConfig.small() if small else LDEQConfig()
+    if max_iters is not None:
+        cfg = cfg.replace(max_iters=int(max_iters))
+    model = LDEQ(cfg).to(device).eval()
+    all_paths = available_paths(device)
+    if paths:
+        unknown = sorted(set(paths) - {p.name for p in all_paths})
+        if unknown:
+            raise ValueError(f"unknown path(s) {unknown}; available: {[p.name for p in all_paths]}")
+        all_paths = [p for p in all_paths if p.name in paths or p.name == "reference"]
+    runnable = [p for p in all_paths if p.available]
+    results = {"machine": machine_info(), "device": str(device), "config": cfg.to_dict(),
+               "batch_sizes": list(batch_sizes), "repeats": repeats, "rows": [],
+               "skipped": [{"path": p.name, "why": p.why_unavailable} for p in all_paths if not p.available]}
+    total = sum(repeats + 1 for _ in batch_sizes) * len(runnable)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="ldeq-fast bench", unit="run", leave=False)
+    for bs in batch_sizes:
+        images = torch.randn(bs, 3, cfg.im_size, cfg.im_size, device=device)
+        times = {p.name: [] for p in runnable}
+        outs = {}
+        for rep in range(repeats + 1):       # rep 0 is warm-up
+            for p in runnable:
+                model.cfg = cfg.replace(**p.config)
+                _sync(device)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    out = model(images)
+                _sync(device)
+                dt = time.perf_counter() - t0
+                if rep > 0:
+                    times[p.name].append(dt)
+                outs[p.name] = out
+                if bar is not None:
+                    bar.update(1)
+        ref = outs[runnable[0].name].keypoints
+        for p in runnable:
+            out = outs[p.name]
+            med = statistics.median(times[p.name])
+            results["rows"].append({
+                "path": p.name, "description": p.description, "batch": bs,
+                "images_per_s": bs / med, "ms_per_image": 1e3 * med / bs, "times_s": times[p.name],
+                "iterations": float(out.stats.nstep.float().mean()) if out.stats is not None else None,
+                "max_kpt_diff_px": float((out.keypoints - ref).abs().max() * cfg.heatmap_size),
+                "speedup_vs_reference": statistics.median(times[runnable[0].name]) / med,
+            })
+    if bar is not None:
+        bar.close()
+    model.cfg = cfg
+    return results
+
+
+def format_table(res: dict) -> str:
+    lines = [f"ldeq-fast bench on {res['machine']['cpu']} ({res['machine']['cores']} cores), device {res['device']}, "
+             f"torch {res['machine']['torch']}; median of {res['repeats']} interleaved runs",
+             f"{'path':<10} {'batch':>5} {'images/s':>9} {'ms/image':>9} {'iters':>6} {'max dkpt px':>11} {'speedup':>8}"]
+    for r in res["rows"]:
+        it = "-" if r["iterations"] is None else f"{r['iterations']:.1f}"
+        lines.append(f"{r['path']:<10} {r['batch']:>5} {r['images_per_s']:>9.2f} {r['ms_per_image']:>9.1f} {it:>6} "
+                     f"{r['max_kpt_diff_px']:>11.2e} {r['speedup_vs_reference']:>7.2f}x")
+    for s in res["skipped"]:
+        lines.append(f"(skipped {s['path']}: {s['why']})")
+    return "\n".join(lines)
+
+
+def save_json(res: dict, path: str) -> None:
+    with open(path, "w") as fh:
+        json.dump(res, fh, indent=1)

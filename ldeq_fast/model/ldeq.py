@@ -1,0 +1,126 @@
+"""The LDEQ model: stem -> DEQ over the hourglass cell -> heatmaps -> keypoints."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldeq_fast.config import LDEQConfig
+from ldeq_fast.deq import BackwardLog, SolverSettings, deq_fixed_point
+from ldeq_fast.model.layers import Cell, Stem, heatmaps_to_keypoints, softargmax_normalize
+
+
+@dataclass
+class LDEQOutput:
+    keypoints: torch.Tensor              # (B, K, 2) in [0, 1): (x, y) / heatmap size
+    uncertainty: torch.Tensor            # (B, K) RMS spread of each heatmap around its mean, / heatmap size
+    uncertainty_published: torch.Tensor  # (B, K) the published formula (see heatmaps_to_keypoints)
+    z_star: torch.Tensor                 # (B, z_width, H, W) detached: warm start for the next video frame
+    heatmaps: torch.Tensor               # (B, K, H, W) normalised heatmaps (tracked in training)
+    stats: Any = None                    # SolverStats of the forward solve (None in explicit mode)
+    extra: dict = field(default_factory=dict)
+
+    def __getitem__(self, key):
+        return getattr(self, key)
+
+
+def init_weights_like_published(module: nn.Module) -> None:
+    """Xavier-normal conv weights, zero biases, unit/zero norm affines (the published initialisation)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class DEQLayer(nn.Module):
+    """Holds the cell (published name 'deq_layer.cell') and runs it explicitly or implicitly."""
+
+    def __init__(self, cfg: LDEQConfig):
+        super().__init__()
+        norm = "bn" if (cfg.cell_use_bn_for_explicit and cfg.model_mode == "explicit") else "gn"
+        self.cell = Cell(cfg, norm=norm)
+
+
+class LDEQ(nn.Module):
+    def __init__(self, cfg: LDEQConfig | None = None, **overrides):
+        super().__init__()
+        cfg = (cfg or LDEQConfig()).replace(**overrides) if overrides else (cfg or LDEQConfig())
+        self.cfg = cfg
+        self.tail = Stem(cfg.injection_width)
+        self.deq_layer = DEQLayer(cfg)
+        self.backward_log = BackwardLog()
+        init_weights_like_published(self)
+
+    # ------------------------------------------------------------------ helpers
+    def z_shape(self, batch: int):
+        c = self.cfg
+        return (batch, c.z_width, c.heatmap_size, c.heatmap_size)
+
+    def zeros_z0(self, images: torch.Tensor) -> torch.Tensor:
+        return images.new_zeros(self.z_shape(images.shape[0]), dtype=torch.float32)
+
+    def solver_settings(self, max_iters: int | None = None, **changes) -> SolverSettings:
+        c = self.cfg
+        mi = c.max_iters if max_iters is None else int(max_iters)
+        if c.stochastic_max_iters:  # published: random depth in training, half depth at eval
+            mi = random.randint(1, mi) if self.training else max(1, round(mi / 2))
+        s = SolverSettings(method=c.solver, max_iter=mi, tol=c.tol, stop_mode=c.stop_mode, m=c.anderson_m,
+                           lam=c.anderson_lam, lam_mode=c.lam_mode if c.solver_semantics == "per_sample" else "absolute",
+                           beta=c.anderson_beta, semantics=c.solver_semantics, backend=c.backend,
+                           check_every=c.check_every)
+        for k, v in changes.items():
+            setattr(s, k, v)
+        return s
+
+    def _check_inputs(self, images: torch.Tensor, z0: torch.Tensor | None):
+        c = self.cfg
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != c.im_size or images.shape[3] != c.im_size:
+            raise ValueError(f"images must have shape (B, 3, {c.im_size}, {c.im_size}), got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor (normalised), got {images.dtype}")
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError("images contain NaN or inf")
+        if z0 is not None:
+            want = self.z_shape(images.shape[0])
+            if tuple(z0.shape) != want:
+                raise ValueError(f"z0 must have shape {want}, got {tuple(z0.shape)}")
+
+    # ------------------------------------------------------------------ forward
+    def cell_fn(self, injection: torch.Tensor):
+        cell = self.deq_layer.cell
+        return lambda z: cell(z, injection)
+
+    def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
+                max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
+        c = self.cfg
+        self._check_inputs(images, z0)
+        mode = mode or c.model_mode
+        x = self.tail(images)
+        z0 = self.zeros_z0(images) if z0 is None else z0.to(x.dtype)
+        f = self.cell_fn(x)
+        stats = None
+        if mode == "explicit":
+            z = z0
+            for _ in range(c.explicit_depth if max_iters is None else int(max_iters)):
+                z = f(z)
+        elif mode == "implicit":
+            settings = solver or self.solver_settings(max_iters)
+            bwd = self.solver_settings(c.backward_max_iters or settings.max_iter)
+            z, stats = deq_fixed_point(f, z0, settings, grad_mode=c.grad_mode,
+                                       extra_step=not c.take_one_less_inference_step, backward_settings=bwd,
+                                       phantom_steps=c.phantom_steps, phantom_damping=c.phantom_damping,
+                                       log=self.backward_log)
+        else:
+            raise ValueError(f"mode must be 'implicit' or 'explicit', not {mode!r}")
+        heat = z[:, : c.n_keypoints]
+        if c.cell_norm == "none":  # the cell outputs raw features: normalise them here
+            heat = softargmax_normalize(heat, c.softargmax_beta)
+        kpts, spread, published = heatmaps_to_keypoints(heat)
+        return LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
+                          z_star=z.detach(), heatmaps=heat, stats=stats)

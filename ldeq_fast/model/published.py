@@ -1,0 +1,156 @@
+"""Import of published LDEQ checkpoints: ``{'args': argparse.Namespace, 'state_dict': {...}}``.
+
+The file is read with ``torch.load(weights_only=True)`` and an explicit allow-list (only
+``argparse.Namespace`` beyond tensors and plain containers), so a checkpoint cannot run pickled code.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import zipfile
+
+import torch
+
+from ldeq_fast.config import LDEQConfig
+
+SAFE_GLOBALS = [argparse.Namespace]
+
+# published args field -> LDEQConfig field
+_ARG_MAP = {
+    "n_keypoints": "n_keypoints",
+    "cell_extra_latent_width": "extra_latent_width",
+    "injection_width": "injection_width",
+    "cell_base_width": "cell_base_width",
+    "cell_width_increment": "cell_width_increment",
+    "cell_gn_groups": "cell_gn_groups",
+    "cell_norm": "cell_norm",
+    "cell_softargmax_beta": "softargmax_beta",
+    "heatmap_size": "heatmap_size",
+    "im_size": "im_size",
+    "model_mode": "model_mode",
+    "explicit_depth": "explicit_depth",
+    "cell_use_bn_for_explicit": "cell_use_bn_for_explicit",
+    "solver": "solver",
+    "stop_mode": "stop_mode",
+    "rel_diff_target": "rel_tol",
+    "abs_diff_target": "abs_tol",
+    "anderson_m": "anderson_m",
+    "anderson_lam": "anderson_lam",
+    "anderson_beta": "anderson_beta",
+    "max_iters": "max_iters",
+    "stochastic_max_iters": "stochastic_max_iters",
+    "take_one_less_inference_step": "take_one_less_inference_step",
+}
+_REQUIRED = ("n_keypoints", "injection_width", "cell_base_width", "cell_width_increment", "heatmap_size")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, unsafe, or not matching the model."""
+
+
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """Weights-only load of a published-format checkpoint, with clear errors."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refused to unpickle an object that is not on the allow-list "
+                              f"(tensors, containers, argparse.Namespace): {exc}") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: expected a dict with 'args' and 'state_dict', got {keys}")
+    return ckpt
+
+
+def published_args_to_config(args, **overrides) -> LDEQConfig:
+    """Map a published ``args`` namespace (or dict) to an LDEQConfig; training-only fields are ignored."""
+    a = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    missing = [k for k in _REQUIRED if k not in a]
+    if missing:
+        raise CheckpointError(f"published args lack required field(s) {missing}")
+    if a.get("cell_name", "Cell0") != "Cell0":
+        raise CheckpointError(f"unsupported cell_name {a['cell_name']!r} (only the published 'Cell0')")
+    if a.get("z0_mode", "zeros") != "zeros":
+        raise CheckpointError(f"unsupported z0_mode {a['z0_mode']!r} (the published code only implements 'zeros')")
+    d = {ours: a[theirs] for theirs, ours in _ARG_MAP.items() if theirs in a}
+    if "cell_norm" in d:
+        d["cell_norm"] = str(d["cell_norm"]).lower()
+    if a.get("cell_learn_softargmax_beta", False) and d.get("cell_norm", "softargmax") == "softargmax":
+        # the published learnable beta was never a registered parameter: it stayed softplus(beta) forever
+        d["softargmax_beta"] = float(torch.nn.functional.softplus(torch.tensor(float(d.get("softargmax_beta", 1.0)))))
+    z_width = a.get("z_width")
+    if z_width is not None and z_width != d["n_keypoints"] + d.get("extra_latent_width", 0):
+        raise CheckpointError(f"published args: z_width={z_width} != n_keypoints + cell_extra_latent_width")
+    d.update(overrides)
+    try:
+        return LDEQConfig.from_dict(d)
+    except ValueError as exc:
+        raise CheckpointError(f"published args do not describe a valid model: {exc}") from exc
+
+
+def _strip_prefix(sd: dict) -> dict:
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
+    """Load with every missing, unexpected or mis-shaped key named in the error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shape_bad = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+                       for k in set(own) & set(state_dict)
+                       if not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != own[k].shape)
+    if missing or unexpected or shape_bad:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+        if shape_bad:
+            parts.append(f"shape mismatches ({len(shape_bad)}): {shape_bad}")
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
+    for k, v in state_dict.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{source}: parameter {k} contains NaN or inf")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_published(path, map_location="cpu", **config_overrides):
+    """Build an LDEQ from a published checkpoint file and load its weights strictly (eval mode)."""
+    from ldeq_fast.model.ldeq import LDEQ
+
+    ckpt = read_checkpoint(path, map_location)
+    if "args" not in ckpt:
+        raise CheckpointError(f"{path}: no 'args' entry; cannot tell the model configuration")
+    cfg = published_args_to_config(ckpt["args"], **config_overrides)
+    model = LDEQ(cfg)
+    load_state_dict_strict(model, _strip_prefix(ckpt["state_dict"]), source=os.fspath(path))
+    return model.eval()
+
+
+def save_published(model, path, **extra_args) -> None:
+    """Write ``model`` in the published checkpoint format (args namespace + state_dict)."""
+    c = model.cfg
+    args = argparse.Namespace(
+        landmark_model_name="ldeq", cell_name="Cell0", model_mode=c.model_mode, explicit_depth=c.explicit_depth,
+        injection_width=c.injection_width, cell_base_width=c.cell_base_width,
+        cell_width_increment=c.cell_width_increment, cell_gn_groups=c.cell_gn_groups,
+        cell_use_bn_for_explicit=c.cell_use_bn_for_explicit, cell_norm="None" if c.cell_norm == "none" else c.cell_norm,
+        cell_softargmax_beta=c.softargmax_beta, cell_learn_softargmax_beta=False, n_keypoints=c.n_keypoints,
+        cell_extra_latent_width=c.extra_latent_width, z_width=c.z_width, heatmap_size=c.heatmap_size,
+        im_size=c.im_size, z0_mode="zeros", solver=c.solver, stop_mode=c.stop_mode, abs_diff_target=c.abs_tol,
+        rel_diff_target=c.rel_tol, anderson_m=c.anderson_m, anderson_lam=c.anderson_lam,
+        anderson_beta=c.anderson_beta, max_iters=c.max_iters, stochastic_max_iters=c.stochastic_max_iters,
+        take_one_less_inference_step=c.take_one_less_inference_step, JFB=c.grad_mode == "jfb",
+        verbose_solver=False, **extra_args)
+    tmp = os.fspath(path) + ".tmp"
+    torch.save({"args": args, "state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)

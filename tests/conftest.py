@@ -1,0 +1,39 @@
+import os
+
+import pytest
+import torch
+
+# Tests are small; one intra-op thread keeps timings and results stable on the 2-core CI machine.
+torch.set_num_threads(int(os.environ.get("LDEQ_FAST_TEST_THREADS", "2")))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def small_cfg():
+    from ldeq_fast import LDEQConfig
+
+    return LDEQConfig.small(backend="torch")
+
+
+def contractive_map(B, D, dtype=torch.float64, scale=0.7, seed=0):
+    """Per-sample f(z) = tanh(W_b z + c_b) with ||W_b||_2 = scale < 1, and its fixed point."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(B, D, D, generator=g, dtype=dtype)
+    W = scale * W / torch.linalg.matrix_norm(W, 2)[:, None, None]
+    c = torch.randn(B, D, generator=g, dtype=dtype)
+
+    def f(z):
+        return torch.tanh(torch.einsum("bij,bj->bi", W, z.reshape(B, -1)) + c).reshape(z.shape)
+
+    z = torch.zeros(B, D, dtype=dtype)
+    for _ in range(3000):
+        z = f(z)
+    return f, z, (W, c)

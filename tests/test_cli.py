@@ -1,0 +1,26 @@
+import json
+import subprocess
+import sys
+
+
+def test_bench_small_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "ldeq_fast.cli", "bench", "--small", "--batch", "1,2", "--repeats", "1",
+                           "--max-iters", "2", "--no-progress", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "images/s" in proc.stdout
+    res = json.loads(out.read_text())
+    assert res["machine"]["cores"] >= 1 and res["machine"]["torch"]
+    paths = {r["path"] for r in res["rows"]}
+    assert {"reference", "published"} <= paths
+    for r in res["rows"]:
+        assert r["images_per_s"] > 0 and r["max_kpt_diff_px"] >= 0
+        if r["path"] == "reference":
+            assert r["max_kpt_diff_px"] == 0.0
+
+
+def test_unknown_path_is_an_error():
+    proc = subprocess.run([sys.executable, "-m", "ldeq_fast.cli", "bench", "--small", "--paths", "warp9"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "unknown path" in proc.stderr

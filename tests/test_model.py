@@ -1,0 +1,119 @@
+import json
+import pathlib
+
+import pytest
+import torch
+
+from ldeq_fast import LDEQ, LDEQConfig
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def test_default_parameter_count_and_published_names():
+    ref = json.loads((DATA / "published_state_dict_shapes.json").read_text())
+    model = LDEQ()
+    assert sum(p.numel() for p in model.parameters()) == ref["parameter_count"] == 16_531_346
+    sd = model.state_dict()
+    assert set(sd) == set(ref["state_dict_shapes"])
+    for k, shape in ref["state_dict_shapes"].items():
+        assert list(sd[k].shape) == shape, k
+
+
+def test_default_model_shapes_one_iteration():
+    torch.manual_seed(0)
+    model = LDEQ(LDEQConfig(backend="torch", max_iters=1)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 256, 256))
+    assert out.keypoints.shape == (1, 98, 2)
+    assert out.uncertainty.shape == (1, 98)
+    assert out.z_star.shape == (1, 98, 64, 64)
+    assert ((out.keypoints >= 0) & (out.keypoints < 1)).all()
+
+
+@pytest.mark.parametrize("k,extra", [(98, 0), (68, 3), (19, 0)])
+def test_small_model_outputs(k, extra):
+    torch.manual_seed(0)
+    cfg = LDEQConfig.small(n_keypoints=k, extra_latent_width=extra, backend="torch", max_iters=3)
+    model = LDEQ(cfg).eval()
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 128, 128))
+    assert out.keypoints.shape == (3, k, 2)
+    assert out.heatmaps.shape == (3, k, 32, 32)
+    assert out.z_star.shape == (3, k + extra, 32, 32)
+    assert ((out.keypoints >= 0) & (out.keypoints < 1)).all()
+    assert (out.uncertainty >= 0).all()
+    assert out.stats.nstep.shape == (3,)
+
+
+def test_heatmaps_to_keypoints_known_values():
+    from ldeq_fast.model.layers import heatmaps_to_keypoints
+
+    hm = torch.zeros(1, 2, 8, 8)
+    hm[0, 0, 2, 5] = 1.0                       # a delta at row 2, column 5
+    hm[0, 1, 4, 1] = hm[0, 1, 4, 3] = 1.0      # two deltas: mean column 2, spread 1 column
+    k, spread, published = heatmaps_to_keypoints(hm)
+    scale = 1 / (1 + 1e-4)
+    assert torch.allclose(k[0, 0], torch.tensor([5 / 8, 2 / 8]) * scale, atol=1e-6)
+    assert torch.allclose(k[0, 1], torch.tensor([2 / 8, 4 / 8]) * (2 / (2 + 1e-4)), atol=1e-6)
+    assert spread[0, 0] < 1e-3                  # a delta has (almost) no spread
+    assert abs(spread[0, 1] - (0.5 ** 0.5) / 8) < 1e-3
+    # the published value measures position, not spread: large even for a delta
+    assert published[0, 0] > 0.3
+
+
+def test_input_checks(small_cfg):
+    model = LDEQ(small_cfg).eval()
+    with pytest.raises(ValueError, match="images must have shape"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(TypeError, match="floating-point"):
+        model(torch.zeros(1, 3, 128, 128, dtype=torch.uint8))
+    bad = torch.randn(1, 3, 128, 128)
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        model(bad)
+    with pytest.raises(ValueError, match="z0 must have shape"):
+        model(torch.randn(1, 3, 128, 128), z0=torch.zeros(1, 98, 16, 16))
+
+
+def _contractive_model(cfg):
+    """Shrink the cell's dependence on z so f is a contraction in z (a toy with a unique fixed point)."""
+    torch.manual_seed(0)
+    model = LDEQ(cfg).eval()
+    with torch.no_grad():
+        model.deq_layer.cell.tail.conv.weight[:, : cfg.z_width] *= 0.05
+    return model
+
+
+def test_explicit_and_implicit_agree_on_contractive_cell():
+    cfg = LDEQConfig.small(backend="torch", rel_tol=2e-5, max_iters=40, explicit_depth=40)
+    model = _contractive_model(cfg)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        imp = model(x, mode="implicit")
+        exp = model(x, mode="explicit")
+    assert imp.stats.converged.all()
+    assert torch.allclose(imp.keypoints, exp.keypoints, atol=1e-5)
+    assert torch.allclose(imp.z_star, exp.z_star, atol=1e-4)
+
+
+def test_z0_warm_start_and_take_one_less_step():
+    cfg = LDEQConfig.small(backend="torch", rel_tol=2e-5, max_iters=30)
+    model = _contractive_model(cfg)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        cold = model(x)
+        warm = model(x, z0=cold.z_star, max_iters=2)
+        model.cfg = cfg.replace(take_one_less_inference_step=True)
+        fewer = model(x, z0=cold.z_star, max_iters=1)
+    # starting at the fixed point, the solver stops after one evaluation
+    assert warm.stats.nstep.item() == 1
+    assert torch.allclose(warm.keypoints, cold.keypoints, atol=1e-5)
+    assert torch.allclose(fewer.keypoints, cold.keypoints, atol=1e-5)
+
+
+def test_learnable_beta_is_a_parameter():
+    cfg = LDEQConfig.small(learn_softargmax_beta=True, softargmax_beta=2.0, backend="torch")
+    model = LDEQ(cfg)
+    beta = model.deq_layer.cell.features_to_heatmaps
+    assert beta.beta_raw.requires_grad
+    assert torch.allclose(beta.effective_beta().flatten(), torch.full((cfg.z_width,), 2.0), atol=1e-5)

@@ -1,0 +1,124 @@
+import argparse
+import os
+
+import pytest
+import torch
+
+from ldeq_fast import LDEQ, LDEQConfig
+from ldeq_fast.model.published import CheckpointError, load_published, published_args_to_config, save_published
+
+
+def published_args(**over):
+    """An args namespace as the published training code wrote it (training-only fields included)."""
+    a = dict(landmark_model_name="ldeq", cell_name="Cell0", model_mode="implicit", explicit_depth=2,
+             injection_width=32, cell_base_width=32, cell_width_increment=8, cell_gn_groups=1,
+             cell_use_bn_for_explicit=False, cell_norm="softargmax", cell_softargmax_beta=1.0,
+             cell_learn_softargmax_beta=False, n_keypoints=98, cell_extra_latent_width=0, z_width=98,
+             heatmap_size=32, im_size=128, z0_mode="zeros", solver="anderson", stop_mode="rel",
+             abs_diff_target=5e-3, rel_diff_target=5e-3, anderson_m=6, anderson_lam=1e-4, anderson_beta=1.0,
+             max_iters=3, stochastic_max_iters=False, take_one_less_inference_step=False, JFB=False,
+             verbose_solver=False, lr=1e-3, epochs=60, seed=0)
+    a.update(over)
+    return argparse.Namespace(**a)
+
+
+def write_published(path, args, seed=0):
+    """Random weights in the published naming scheme, saved as the published code saved them."""
+    torch.manual_seed(seed)
+    model = LDEQ(published_args_to_config(args))
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    sd = {k: (v.abs() + 0.5 if k.endswith("running_var") else v) for k, v in sd.items()}
+    torch.save({"args": args, "state_dict": sd}, path)
+    return sd
+
+
+def test_round_trip_loads_strictly(tmp_path):
+    path = tmp_path / "final.pth.tar"
+    sd = write_published(path, published_args())
+    model = load_published(path, backend="torch")
+    assert not model.training
+    assert model.cfg.injection_width == 32 and model.cfg.max_iters == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 128, 128))
+    assert out.keypoints.shape == (2, 98, 2)
+
+
+def test_save_published_round_trip(tmp_path):
+    model = LDEQ(LDEQConfig.small(n_keypoints=68, max_iters=4))
+    save_published(model, tmp_path / "m.pth")
+    again = load_published(tmp_path / "m.pth")
+    assert again.cfg.n_keypoints == 68 and again.cfg.max_iters == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    path = tmp_path / "bad.pth"
+    args = published_args()
+    sd = write_published(path, args)
+    sd.pop("deq_layer.cell.hourglass.same3.conv.bias")
+    sd["deq_layer.cell.extra.weight"] = torch.zeros(3)
+    torch.save({"args": args, "state_dict": sd}, path)
+    with pytest.raises(CheckpointError) as ei:
+        load_published(path)
+    msg = str(ei.value)
+    assert "deq_layer.cell.hourglass.same3.conv.bias" in msg and "deq_layer.cell.extra.weight" in msg
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    path = tmp_path / "bad.pth"
+    sd = write_published(path, published_args())
+    torch.save({"args": published_args(cell_width_increment=16), "state_dict": sd}, path)
+    with pytest.raises(CheckpointError, match="shape mismatches.*upchan1"):
+        load_published(path)
+
+
+def test_arbitrary_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"args": published_args(), "state_dict": {}, "payload": Evil()}, path)
+    with pytest.raises(CheckpointError, match="allow-list"):
+        load_published(path)
+    assert not marker.exists()
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    path = tmp_path / "trunc.pth"
+    write_published(path, published_args())
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_published(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_published(tmp_path / "nope.pth")
+    torch.save({"weights": {}}, tmp_path / "odd.pth")
+    with pytest.raises(CheckpointError, match="'args' and 'state_dict'"):
+        load_published(tmp_path / "odd.pth")
+
+
+def test_nan_weights_are_refused(tmp_path):
+    path = tmp_path / "nan.pth"
+    args = published_args()
+    sd = write_published(path, args)
+    sd["deq_layer.cell.head.conv.bias"][0] = float("nan")
+    torch.save({"args": args, "state_dict": sd}, path)
+    with pytest.raises(CheckpointError, match="head.conv.bias contains NaN"):
+        load_published(path)
+
+
+def test_args_mapping():
+    cfg = published_args_to_config(published_args(cell_norm="None", cell_extra_latent_width=2, z_width=100))
+    assert cfg.cell_norm == "none" and cfg.z_width == 100
+    with pytest.raises(CheckpointError, match="z_width"):
+        published_args_to_config(published_args(z_width=99))
+    with pytest.raises(CheckpointError, match="cell_name"):
+        published_args_to_config(published_args(cell_name="Cell1"))
+    learned = published_args_to_config(published_args(cell_learn_softargmax_beta=True))
+    assert abs(learned.softargmax_beta - 1.3132616) < 1e-6   # softplus(1): what the published model used
