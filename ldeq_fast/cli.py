@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="also write the results as JSON to this file")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(fn=cmd_bench)
+
+    from ldeq_fast.train import add_train_arguments, cmd_train
+
+    t = sub.add_parser("train", help="train LDEQ (synthetic faces by default, or WFLW); torchrun for DDP")
+    add_train_arguments(t)
+    t.set_defaults(fn=cmd_train)
     return p
 
 

@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from ldeq_fast import LDEQ, LDEQConfig
-from ldeq_fast.model.published import CheckpointError, load_published, published_args_to_config, save_published
+from ldeq_fast.model.published import (
+    CheckpointError,
+    load_published,
+    published_args_to_config,
+    save_published,
+)
 
 
 def published_args(**over):

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import contractive_map
+
 from ldeq_fast.solvers import solve
 
 METHODS = ["anderson", "fpi", "broyden"]

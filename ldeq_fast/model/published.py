@@ -151,6 +151,6 @@ def save_published(model, path, **extra_args) -> None:
         anderson_beta=c.anderson_beta, max_iters=c.max_iters, stochastic_max_iters=c.stochastic_max_iters,
         take_one_less_inference_step=c.take_one_less_inference_step, JFB=c.grad_mode == "jfb",
         verbose_solver=False, **extra_args)
-    tmp = os.fspath(path) + ".tmp"
-    torch.save({"args": args, "state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
+    from ldeq_fast.model.weights import atomic_torch_save
+
+    atomic_torch_save({"args": args, "state_dict": model.state_dict()}, path)

@@ -94,7 +94,7 @@ def anderson_published(f, z0, max_iter=10, tol=5e-3, stop_mode="rel", m=6, lam=1
 
 
 def fixed_point_published(f, z0, max_iter=10, tol=5e-3, stop_mode="rel", save_trajectory=False):
-    shape, B = z0.shape, z0.shape[0]
+    B = z0.shape[0]
     x_prev = z0
     trajectory, trace_abs, trace_rel = [], [], []
     stability, prev_abs = 1, None

@@ -170,7 +170,7 @@ def broyden_reference(f, z0, max_iter=10, tol=1e-3, stop_mode="rel", divergence_
             return -v
         return -v + torch.einsum("bn,bnd->bd", torch.einsum("bd,bnd->bn", v, Us[:, :n]), VTs[:, :n])
 
-    gx = None
+    gx, x_prev = None, x
     for k in range(max_iter):
         fx = fflat(x)
         g_new = fx - x
