@@ -91,6 +91,14 @@ class LDEQ(nn.Module):
             if tuple(z0.shape) != want:
                 raise ValueError(f"z0 must have shape {want}, got {tuple(z0.shape)}")
 
+    def heatmaps_from_z(self, z: torch.Tensor) -> torch.Tensor:
+        """The keypoint heatmaps held in a state z (its first n_keypoints channels)."""
+        c = self.cfg
+        heat = z[:, : c.n_keypoints]
+        if c.cell_norm == "none":  # the cell outputs raw features: normalise them here
+            heat = softargmax_normalize(heat, c.softargmax_beta)
+        return heat
+
     # ------------------------------------------------------------------ forward
     def cell_fn(self, injection: torch.Tensor):
         cell = self.deq_layer.cell
@@ -118,9 +126,7 @@ class LDEQ(nn.Module):
                                        log=self.backward_log)
         else:
             raise ValueError(f"mode must be 'implicit' or 'explicit', not {mode!r}")
-        heat = z[:, : c.n_keypoints]
-        if c.cell_norm == "none":  # the cell outputs raw features: normalise them here
-            heat = softargmax_normalize(heat, c.softargmax_beta)
+        heat = self.heatmaps_from_z(z)
         kpts, spread, published = heatmaps_to_keypoints(heat)
         return LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
                           z_star=z.detach(), heatmaps=heat, stats=stats)

@@ -1,0 +1,100 @@
+import pytest
+import torch
+
+from ldeq_fast import LDEQ, LDEQConfig
+from ldeq_fast.video.streams import run_streams
+from ldeq_fast.video.tracker import RwRTracker, TrackerConfig
+
+
+@pytest.fixture(scope="module")
+def toy_model():
+    """A small LDEQ whose cell is contractive in z and strongly driven by the image."""
+    torch.manual_seed(0)
+    m = LDEQ(LDEQConfig.small(backend="torch", max_iters=6, injection_width=16, cell_base_width=16,
+                              cell_width_increment=4)).eval()
+    with torch.no_grad():
+        m.deq_layer.cell.tail.conv.weight[:, :98] *= 0.05
+        m.deq_layer.cell.tail.conv.weight[:, 98:] *= 4
+    return m
+
+
+@pytest.mark.parametrize("mode", ["per_frame", "warm", "prox"])
+def test_stream_alone_equals_stream_in_batch(toy_model, mode):
+    frames = torch.randn(3, 4, 3, 128, 128)
+    batched = RwRTracker(toy_model, TrackerConfig(mode=mode))
+    alone = RwRTracker(toy_model, TrackerConfig(mode=mode))
+    for t in range(4):
+        rb = batched.step(frames[:, t], ["a", "b", "c"])
+        ra = alone.step(frames[1:2, t], ["b"])
+        assert torch.allclose(rb.keypoints[1], ra.keypoints[0], atol=1e-5)
+        assert rb.cell_evals[1] == ra.cell_evals[0]
+        assert rb.reset[1] == ra.reset[0]
+
+
+def test_warm_mode_spends_two_cell_evaluations_after_the_first_frame(toy_model):
+    tr = RwRTracker(toy_model, TrackerConfig(mode="warm", iters=1))
+    img = torch.randn(2, 3, 128, 128)
+    first = tr.step(img, [0, 1])
+    assert first.reset.all() and (first.cell_evals > 2).all()
+    for _ in range(3):
+        r = tr.step(img + 0.01 * torch.randn_like(img), [0, 1])
+        assert (r.cell_evals == 2).all() and not r.reset.any()
+
+
+@pytest.mark.parametrize("rule", [{"reset_residual": 0.05, "reset_displacement": None},
+                                  {"reset_residual": None, "reset_displacement": 0.02}])
+def test_reset_on_scene_cut(toy_model, rule):
+    a = torch.randn(1, 3, 128, 128)
+    b = -a.flip(-1)                                 # a different scene
+    tr = RwRTracker(toy_model, TrackerConfig(mode="warm", **rule))
+    resets = [bool(tr.step(img, ["s"]).reset) for img in (a, a, a, b, b)]
+    assert resets == [True, False, False, True, False]
+    cold = RwRTracker(toy_model, TrackerConfig(mode="per_frame")).step(b, ["s"])
+    tr.reset()
+    for img in (a, b):
+        after_cut = tr.step(img, ["s"])
+    assert torch.allclose(after_cut.keypoints, cold.keypoints, atol=1e-5)
+
+
+def test_prox_gamma_zero_is_a_plain_solve_and_large_gamma_holds_still(toy_model):
+    a, b = torch.randn(1, 3, 128, 128), torch.randn(1, 3, 128, 128)
+    held = RwRTracker(toy_model, TrackerConfig(mode="prox", gamma=100.0, reset_residual=None,
+                                               reset_displacement=None))
+    k_a = held.step(a, ["s"]).keypoints
+    k_b = held.step(b, ["s"]).keypoints
+    free = RwRTracker(toy_model, TrackerConfig(mode="prox", gamma=0.0, prox_tol=1e-5, prox_max_iters=30,
+                                               reset_residual=None, reset_displacement=None))
+    free.step(a, ["s"])
+    k_free = free.step(b, ["s"]).keypoints
+    with torch.no_grad():
+        model = toy_model
+        saved = model.cfg
+        model.cfg = saved.replace(rel_tol=1e-5, max_iters=30)
+        k_direct = model(b).keypoints
+        model.cfg = saved
+    assert torch.allclose(k_free, k_direct, atol=1e-4)
+    assert (k_b - k_a).abs().max() < 0.2 * (k_free - k_a).abs().max()
+
+
+def test_run_streams_refills_slots(toy_model):
+    lengths = (3, 5, 1, 4, 2)
+    videos = [list(torch.randn(n, 3, 128, 128)) for n in lengths]
+    tr = RwRTracker(toy_model, TrackerConfig(mode="warm"))
+    out = run_streams(tr, videos, slots=2)
+    assert [k.shape[0] for k in out["keypoints"]] == list(lengths)
+    assert out["frames"] == sum(lengths)
+    assert out["steps"] < sum(lengths)              # frames of different videos shared forwards
+    # the same video alone gives the same landmarks
+    solo = run_streams(RwRTracker(toy_model, TrackerConfig(mode="warm")), [videos[3]], slots=1)
+    assert abs(solo["keypoints"][0] - out["keypoints"][3]).max() < 1e-5
+    assert all(r[0] for r in out["resets"])          # each video starts cold in its slot
+
+
+def test_bad_inputs(toy_model):
+    tr = RwRTracker(toy_model)
+    with pytest.raises(ValueError, match="len\\(streams\\)"):
+        tr.step(torch.randn(2, 3, 128, 128), ["a"])
+    with pytest.raises(ValueError, match="unique"):
+        tr.step(torch.randn(2, 3, 128, 128), ["a", "a"])
+    with pytest.raises(ValueError, match="mode"):
+        TrackerConfig(mode="sticky")
