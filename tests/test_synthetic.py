@@ -10,8 +10,6 @@ import torch
 
 from ldeq_fast.data.layouts import WFLW98
 from ldeq_fast.data.synthetic import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     Occluder,
     SyntheticFaceParams,
     SyntheticFaces,
@@ -20,6 +18,7 @@ from ldeq_fast.data.synthetic import (
     render_face,
     sample_params,
 )
+from ldeq_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PERM = np.array(WFLW98.flip_permutation())
 
@@ -92,7 +91,7 @@ def test_dataset_items():
     assert item["kpts"].shape == (98, 2) and item["kpts"].dtype == torch.float32
     assert item["kpts"].min() >= 0 and item["kpts"].max() <= 1
     img, lm = render_face(ds.params(2), 48)
-    back = item["image"].numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    back = item["image"].numpy().transpose(1, 2, 0) * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
     np.testing.assert_allclose(back * 255, img, atol=1e-3)
     np.testing.assert_allclose(item["kpts"].numpy(), lm / 48, rtol=1e-6)
     assert ds[-1]["index"] == 2
@@ -190,6 +189,12 @@ def test_bad_arguments():
         sample_params(0)
     with pytest.raises(ValueError, match="size"):
         render_face(SyntheticFaceParams(), 8)
+    with pytest.raises(ValueError, match="yaw"):
+        render_face(SyntheticFaceParams(yaw=float("nan")))
+    with pytest.raises(ValueError, match="skin"):
+        face_landmarks(SyntheticFaceParams(skin=(1.0, float("inf"), 3.0)))
+    with pytest.raises(TypeError, match="SyntheticFaceParams"):
+        render_face({"yaw": 0.0})
     with pytest.raises(ValueError, match="seed"):
         SyntheticFaces(2, seed=-1)
     with pytest.raises(ValueError, match="scene_cut"):
