@@ -25,6 +25,39 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from ldeq_fast.export import export_onnx, verify_onnx
+
+    if a.checkpoint and a.small:
+        raise SystemExit("ldeq-fast export: --small builds a fresh model; it cannot be combined with --checkpoint")
+    if a.checkpoint:
+        from ldeq_fast.model.published import CheckpointError, load_published
+
+        try:
+            model = load_published(a.checkpoint, backend="torch")
+        except CheckpointError as exc:
+            raise SystemExit(f"ldeq-fast export: {exc}") from exc
+    else:
+        from ldeq_fast import LDEQ, LDEQConfig
+
+        model = LDEQ(LDEQConfig.small(backend="torch") if a.small else LDEQConfig(backend="torch")).eval()
+        print("no --checkpoint: exporting a randomly initialised model")
+    try:
+        meta = export_onnx(model, a.onnx, iters=a.iters, opset=a.opset, solver=a.solver, exporter=a.exporter)
+    except ValueError as exc:
+        raise SystemExit(f"ldeq-fast export: {exc}") from exc
+    print(f"wrote {a.onnx}: " + ", ".join(f"{k}={meta[k]}" for k in ("iterations", "extra_step", "solver", "opset",
+                                                                     "input_size", "n_keypoints")))
+    if not a.no_verify:
+        try:
+            report = verify_onnx(model, a.onnx)
+        except ImportError as exc:
+            print(f"not verified: {exc} (pip install onnxruntime)")
+        else:
+            print("onnxruntime vs PyTorch, max abs difference: " + ", ".join(f"{k}={v}" for k, v in report.items()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ldeq-fast", description="Fast Landmark Deep Equilibrium models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -44,6 +77,25 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train LDEQ (synthetic faces by default, or WFLW); torchrun for DDP")
     add_train_arguments(t)
     t.set_defaults(fn=cmd_train)
+
+    from ldeq_fast.video.cli import add_video_arguments, cmd_video
+
+    v = sub.add_parser("video", help="per-frame vs filters vs RwR on synthetic hard videos or WFLW-V")
+    add_video_arguments(v)
+    v.set_defaults(fn=cmd_video)
+
+    e = sub.add_parser("export", help="export to ONNX with a fixed number of fixed-point iterations unrolled")
+    e.add_argument("--onnx", required=True, help="output .onnx file")
+    e.add_argument("--checkpoint", default=None, help="published-format checkpoint (default: random weights)")
+    e.add_argument("--iters", type=int, default=None, help="unrolled iterations (default: the config's max_iters)")
+    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    e.add_argument("--small", action="store_true", help="a narrow 128x128 model (without --checkpoint)")
+    e.add_argument("--solver", choices=["fpi"], default=None,
+                   help="export fixed-point iterations for a model configured with Anderson (required then)")
+    e.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo",
+                   help="torch.onnx exporter (torchscript: the legacy one, much faster to export)")
+    e.add_argument("--no-verify", action="store_true", help="skip the onnxruntime vs PyTorch check")
+    e.set_defaults(fn=cmd_export)
     return p
 
 

@@ -47,6 +47,7 @@ class TrainConfig:
     synthetic_train_size: int = 20000
     synthetic_eval_size: int = 256
     synthetic_difficulty: str = "normal"
+    cache_in_memory: bool = False          # render/decode every training item once, keep it in RAM
     augment: bool = True
     model_preset: str = "default"          # default | small
     model: dict = field(default_factory=dict)   # LDEQConfig overrides
@@ -149,6 +150,27 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[np.ndarray]
     """Global batches of one epoch: a permutation fixed by (seed, epoch); the ragged tail is dropped."""
     perm = np.random.default_rng((seed, epoch)).permutation(n)
     return [perm[i:i + batch] for i in range(0, n - batch + 1, batch)]
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """Every item of a dataset materialised once (for generated data whose rendering costs more than a
+    training step's share of it).  Not for augmented datasets: the augmentation would be frozen."""
+
+    def __init__(self, base, progress: bool = False):
+        it = range(len(base))
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc="caching data", unit="item", leave=False)
+        items = [base[i] for i in it]
+        self.images = torch.stack([x["image"] for x in items])
+        self.kpts = torch.stack([x["kpts"] for x in items])
+
+    def __len__(self):
+        return len(self.kpts)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "kpts": self.kpts[i]}
 
 
 def _collate(items):
@@ -281,6 +303,10 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
         self.train_set = build_dataset(cfg, cfg.train_split, True, mcfg.im_size)
+        if cfg.cache_in_memory:
+            if getattr(self.train_set, "augment_config", None) is not None:
+                raise ValueError("cache_in_memory would freeze the augmentation: set augment=false or no cache")
+            self.train_set = CachedDataset(self.train_set, progress=cfg.progress and self.rank == 0)
         self.eval_sets = {s: build_dataset(cfg, s, False, mcfg.im_size) for s in cfg.eval_splits}
         if len(self.train_set) < cfg.batch_size:
             raise ValueError(f"training set has {len(self.train_set)} items, fewer than one batch ({cfg.batch_size})")
