@@ -55,6 +55,12 @@ def cmd_export(a) -> int:
             print(f"not verified: {exc} (pip install onnxruntime)")
         else:
             print("onnxruntime vs PyTorch, max abs difference: " + ", ".join(f"{k}={v}" for k, v in report.items()))
+            if report["keypoints_vs_unrolled"] > 1e-4:
+                print("note: kernel rounding differences grow with every iteration of a map that is not a "
+                      "contraction (as with random weights); the unrolled graph itself is the same")
+            if not report.get("solver_best_is_last", True):
+                print("note: the residual rose at some iteration, so the solver returned an earlier iterate's "
+                      "image than the unrolled graph (keypoints_vs_solver is not like for like)")
     return 0
 
 
