@@ -102,7 +102,8 @@ class LDEQ(nn.Module):
     # ------------------------------------------------------------------ forward
     def cell_fn(self, injection: torch.Tensor):
         cell = self.deq_layer.cell
-        return lambda z: cell(z, injection)
+        # the solver state keeps its dtype (fp32) even when the cell runs under bf16 autocast
+        return lambda z: cell(z, injection).to(z.dtype)
 
     def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                 max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
