@@ -64,7 +64,7 @@ class _Tracker:
         return self.active
 
     def result(self, method: str, semantics: str = "per_sample", backend: str = "torch"):
-        # a sample whose first evaluation already diverged has no best point: return its last image
+        # a sample whose first evaluation already diverged never improved on its start: it returns z0
         stats = SolverStats(method=method, max_iter=self.max_iter, nstep=self.nstep, best_residual=self.best_res,
                             abs_residual=self.best_abs, rel_residual=self.best_rel, trace=self.trace,
                             converged=self.converged, diverged=self.diverged, stop_mode=self.stop_mode,

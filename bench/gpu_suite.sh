@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# One command on a GPU machine (H100): build the CUDA extension, run the GPU tests, run the GPU
+# benchmarks, write JSON into ${OUT:-bench/results}, print a short table last.
+#
+#   OUT=/some/dir bash bench/gpu_suite.sh
+#
+# The suite is a list of steps.  Each step is a shell function `step_<name>` that writes its own
+# JSON into $OUT; a failing step is recorded (exit code, log tail) and the next step still runs.
+# To add a step: define `step_<name>` below and append <name> to the default step list.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+PY=${PYTHON:-python}
+
+# --------------------------------------------------------------------------------------------------
+# steps
+
+step_build() {
+  # --no-build-isolation: build against the installed (CUDA) torch; --no-deps: no internet there
+  $PY -m pip install --no-build-isolation --no-deps -e . &&
+    $PY -c "import json, sys, ldeq_fast._ext as e; json.dump({'cpp': e.has_cpp(), 'cuda': e.has_cuda(), \
+'import_error': repr(e.IMPORT_ERROR)}, open(sys.argv[1], 'w'))" "$OUT/build.json"
+}
+
+step_gpu_tests() {
+  # the solver's GPU tests and everyone else's (-m gpu); junit XML + a JSON count
+  $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu_tests.xml"
+  local rc=$?
+  $PY - "$OUT/gpu_tests.xml" "$OUT/gpu_tests.json" <<'EOF'
+import json, sys
+import xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suite = root if root.tag == "testsuite" else root.find("testsuite")
+counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+json.dump(counts, open(sys.argv[2], "w"))
+EOF
+  return $rc
+}
+
+step_solver_bench() {
+  $PY bench/bench_solver.py --device cuda --json "$OUT/solver_cuda.json"
+}
+
+step_model_bench() {
+  # reference vs published-semantics vs fast path on the default model, batch 32 and 1
+  $PY -m ldeq_fast.cli bench --device cuda --batch 32,1 --repeats 5 --no-progress --json "$OUT/model_cuda.json"
+}
+
+step_train_bench() {
+  $PY bench/bench_train.py --device cuda --batch 16,32 --repeats 3 --json "$OUT/train_cuda.json"
+}
+
+step_torchdeq_adapter() {
+  $PY bench/bench_torchdeq_adapter.py --json "$OUT/torchdeq_adapter_cuda.json"
+}
+
+# LDEQ_GPU_STEPS="gpu_tests solver_bench" runs a subset (e.g. when the extension is already built)
+read -r -a STEPS <<<"${LDEQ_GPU_STEPS:-build gpu_tests solver_bench model_bench train_bench torchdeq_adapter}"
+
+# --------------------------------------------------------------------------------------------------
+# runner: every step gets a log and a status JSON; failures do not stop the suite
+
+run_step() {
+  local name=$1 log="$OUT/$1.log" start rc
+  echo "=== step $name (log: $log)"
+  start=$(date +%s)
+  "step_$name" >"$log" 2>&1
+  rc=$?
+  $PY - "$OUT/step_$name.json" "$name" "$rc" "$(($(date +%s) - start))" "$log" <<'EOF'
+import json, sys
+path, name, rc, secs, log = sys.argv[1:]
+tail = open(log, errors="replace").read()[-3000:]
+json.dump({"step": name, "exit_code": int(rc), "ok": rc == "0", "seconds": int(secs), "log": log,
+           "log_tail": tail}, open(path, "w"), indent=2)
+EOF
+  if [ "$rc" -ne 0 ]; then echo "    FAILED (exit $rc): $(tail -n 3 "$log" | tr '\n' ' ')"; fi
+}
+
+for s in "${STEPS[@]}"; do run_step "$s"; done
+
+# --------------------------------------------------------------------------------------------------
+# summary table (last)
+
+$PY - "$OUT" "${STEPS[@]}" <<'EOF'
+import json, os, sys
+out, steps = sys.argv[1], sys.argv[2:]
+print("\n==== GPU suite summary (" + out + ")")
+for s in steps:
+    p = os.path.join(out, f"step_{s}.json")
+    st = json.load(open(p)) if os.path.exists(p) else {"ok": False, "exit_code": "?", "seconds": "?"}
+    print(f"  {s:<16} {'ok' if st['ok'] else 'FAILED (exit ' + str(st['exit_code']) + ')':<18} {st['seconds']}s")
+p = os.path.join(out, "gpu_tests.json")
+if os.path.exists(p):
+    print("  gpu tests:", json.load(open(p)))
+p = os.path.join(out, "solver_cuda.json")
+if os.path.exists(p):
+    r = json.load(open(p))
+    print(f"  solver on {r['machine'].get('gpu')}: B={r['config']['B']} D={r['config']['D']} m={r['config']['m']}, "
+          f"f = {r['f_ms']:.3f} ms")
+    for name, v in r["per_iteration"].items():
+        print(f"    {name:<10} {v['ms_per_iter']:8.3f} ms/iter  overhead {v['overhead_ms_per_iter']:8.3f} ms/iter  "
+              f"to tol {r['to_tolerance'][name]['ms']:8.2f} ms ({r['to_tolerance'][name]['f_evals']} f evals)")
+    k = r.get("kernels", {})
+    if k:
+        print(f"    copy {k['copy']['GB_per_s']:.0f} GB/s | update {k['update']['GB_per_s']:.0f} GB/s "
+              f"({k['update']['fraction_of_copy']:.0%}) | mix {k['mix']['GB_per_s']:.0f} GB/s ({k['mix']['fraction_of_copy']:.0%})")
+    g = r.get("cuda_graph")
+    if g:
+        print(f"    CUDA graph: {g['graph_ms_per_iter']:.3f} ms/iter replayed vs {g['eager_ms_per_iter']:.3f} eager")
+EOF

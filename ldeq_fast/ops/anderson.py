@@ -1,0 +1,323 @@
+"""Fused Anderson-acceleration ops: the three per-iteration steps of the fused solver engine
+(ldeq_fast/solvers/fused.py).
+
+State per solve (B samples of D values, history length m, acc = float64 for float64 state, else float32):
+  F, G   (B, m, D) state dtype   ring buffers of images f(x_j) and residuals g_j = f(x_j) - x_j
+  gram   (B, m, m) acc           <g_i, g_j>, kept up to date one row/column per iteration
+  flags  (4, B) bool             rows: active, converged, diverged, improved (this iteration)
+  stat   (4, B) acc              rows: best residual, its abs residual, its rel residual, first residual
+  nstep  (B,) int64, trace (T, B) acc, x and best (B, D) state dtype
+
+Per iteration k (slot s = k % m, n = min(k + 1, m) valid slots):
+  norms = anderson_update(fx, x, F, G, gram, active, s, n)   one pass over D
+  alpha = anderson_step(gram, norms, flags, stat, nstep, trace, k, n, ...)   per sample, tiny
+  anderson_mix(F, G, alpha, flags, x, best, s, n, beta, mix)   one pass over D
+
+Backends: 'cpp' (csrc/cpu/anderson.cpp, registered as torch.ops.ldeq_fast.anderson_*), 'triton'
+(kernels/anderson_*.py, registered here as torch.ops.ldeq_fast.anderson_*_triton) and 'torch' (the
+``*_ref`` functions below, the oracle of the tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ldeq_fast import _ext
+from ldeq_fast.ops import pick_backend
+
+SUPPORTS = ("triton", "cpp")
+MAX_M = 64  # the C++ small solve uses stack arrays of this size
+_STATE_DTYPES = (torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the Gram matrix, norms and statistics for a state dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------
+# argument checks (shared by every backend; the C++ kernels repeat them)
+
+def _need(cond: bool, op: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{op}: {msg}")
+
+
+def _check_ring(op, F, G, x):
+    _need(x.dim() == 2, op, f"x must be (B, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _STATE_DTYPES:
+        raise TypeError(f"{op}: supports float32 and float64 state, got {x.dtype}")
+    B, D = x.shape
+    _need(F.dim() == 3 and F.shape[0] == B and F.shape[2] == D and F.shape[1] >= 1, op,
+          f"F must be (B, m, D) = ({B}, m, {D}), got {tuple(F.shape)}")
+    _need(G.shape == F.shape, op, f"G must have F's shape {tuple(F.shape)}, got {tuple(G.shape)}")
+    if F.dtype != x.dtype or G.dtype != x.dtype:
+        raise TypeError(f"{op}: F, G and x must share a dtype, got {F.dtype}, {G.dtype}, {x.dtype}")
+    _need(x.is_contiguous() and F.is_contiguous() and G.is_contiguous(), op, "x, F and G must be contiguous")
+    _need(F.device == x.device and G.device == x.device, op, "x, F and G must be on one device")
+
+
+def _check_slots(op, slot, n, m):
+    _need(m <= MAX_M, op, f"history length m={m} exceeds the supported maximum {MAX_M}")
+    _need(0 <= slot < m, op, f"slot {slot} out of range for m={m}")
+    _need(1 <= n <= m and slot < n, op, f"need 1 <= n <= m and slot < n, got n={n}, slot={slot}, m={m}")
+
+
+def _check_flags(op, flags, B):
+    _need(flags.dtype == torch.bool and tuple(flags.shape) == (4, B) and flags.is_contiguous(), op,
+          f"flags must be a contiguous bool (4, B={B}) tensor [active, converged, diverged, improved], "
+          f"got {flags.dtype} {tuple(flags.shape)}")
+
+
+def _check_acc(op, name, t, shape, acc):
+    _need(t.dtype == acc and tuple(t.shape) == tuple(shape) and t.is_contiguous(), op,
+          f"{name} must be a contiguous {acc} {tuple(shape)} tensor, got {t.dtype} {tuple(t.shape)}")
+
+
+def check_update_args(fx, x, F, G, gram, active, slot, n):
+    op = "anderson_update"
+    _check_ring(op, F, G, x)
+    B, m = x.shape[0], F.shape[1]
+    _check_slots(op, slot, n, m)
+    _need(fx.shape == x.shape, op, f"fx must have x's shape {tuple(x.shape)}, got {tuple(fx.shape)}")
+    if fx.dtype != x.dtype:
+        raise TypeError(f"{op}: fx dtype {fx.dtype} differs from the solver state's {x.dtype}")
+    _need(fx.is_contiguous() and fx.device == x.device, op, "fx must be contiguous and on x's device")
+    _check_acc(op, "gram", gram, (B, m, m), acc_dtype(x.dtype))
+    _need(active.dtype == torch.bool and tuple(active.shape) == (B,) and active.is_contiguous(), op,
+          "active must be a contiguous bool (B,) tensor")
+
+
+def check_step_args(gram, norms, flags, stat, nstep, trace, k, n, lam):
+    op = "anderson_step"
+    _need(gram.dim() == 3 and gram.shape[1] == gram.shape[2] and gram.is_contiguous(), op,
+          f"gram must be a contiguous (B, m, m) tensor, got {tuple(gram.shape)}")
+    B, m = gram.shape[0], gram.shape[1]
+    acc = gram.dtype
+    if acc not in _STATE_DTYPES:
+        raise TypeError(f"{op}: gram must be float32 or float64, got {acc}")
+    _need(k >= 0, op, f"iteration k must be >= 0, got {k}")
+    _check_slots(op, k % m, n, m)
+    _need(lam >= 0 and lam != float("inf"), op, f"lam must be finite and >= 0, got {lam}")
+    _check_flags(op, flags, B)
+    _check_acc(op, "norms", norms, (B, 2), acc)
+    _check_acc(op, "stat", stat, (4, B), acc)
+    _need(nstep.dtype == torch.int64 and tuple(nstep.shape) == (B,) and nstep.is_contiguous(), op,
+          "nstep must be a contiguous int64 (B,) tensor")
+    _need(trace.dtype == acc and trace.dim() == 2 and trace.shape[1] == B and trace.shape[0] > k
+          and trace.is_contiguous(), op, f"trace must be a contiguous {acc} (T > k, B) tensor, got {tuple(trace.shape)}")
+
+
+def check_mix_args(F, G, alpha, flags, x, best, slot, n, beta):
+    op = "anderson_mix"
+    _check_ring(op, F, G, x)
+    B, m = x.shape[0], F.shape[1]
+    _check_slots(op, slot, n, m)
+    _check_flags(op, flags, B)
+    _need(best.shape == x.shape and best.dtype == x.dtype and best.is_contiguous(), op,
+          f"best must be a contiguous tensor like x {tuple(x.shape)}, got {tuple(best.shape)}")
+    _check_acc(op, "alpha", alpha, (B, m), acc_dtype(x.dtype))
+    _need(beta == beta and abs(beta) != float("inf"), op, f"beta must be finite, got {beta}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# PyTorch references (in-place on the state, like the kernels)
+
+def anderson_update_ref(fx, x, F, G, gram, active, slot: int, n: int) -> torch.Tensor:
+    """F[:, s] = fx, G[:, s] = fx - x, Gram row/column s over the n valid slots, for active samples.
+    Returns norms (B, 2) = (||g||^2, ||fx||^2), zero for inactive samples.  Sums in float64."""
+    act = active[:, None]
+    g = fx - x
+    F[:, slot] = torch.where(act, fx, F[:, slot])
+    G[:, slot] = torch.where(act, g, G[:, slot])
+    dots = torch.einsum("bd,bjd->bj", g.double(), G[:, :n].double())  # column s is ||g||^2
+    ff = fx.double().square().sum(1)
+    new = dots.to(gram.dtype)
+    gram[:, slot, :n] = torch.where(act, new, gram[:, slot, :n])
+    gram[:, :n, slot] = torch.where(act, new, gram[:, :n, slot])
+    norms = torch.stack([dots[:, slot], ff], 1).to(gram.dtype)
+    return torch.where(act, norms, torch.zeros_like(norms))
+
+
+def anderson_weights_from_gram(gram: torch.Tensor, n: int, slot: int, lam: float, lam_scaled: bool) -> torch.Tensor:
+    """Anderson weights (B, m) in float64 from the Gram matrix's first n slots: alpha = w / sum(w) with
+    (Gram + reg I) w = 1 (the bordered system's solution), zero for invalid slots.  Solved by Gaussian
+    elimination without pivoting, as the kernels do (the matrix is SPD for reg > 0); where a pivot is not
+    positive (reg = 0 and a rank-deficient history) alpha = e_slot, a plain fixed-point step."""
+    B, m, _ = gram.shape
+    H = gram[:, :n, :n].double()
+    if lam_scaled:
+        reg = lam * torch.diagonal(H, dim1=1, dim2=2).amax(1).clamp_min(1e-30)
+    else:
+        reg = torch.full((B,), float(lam), dtype=torch.float64, device=gram.device)
+    H = H + reg[:, None, None] * torch.eye(n, dtype=torch.float64, device=gram.device)
+    w = torch.ones(B, n, dtype=torch.float64, device=gram.device)
+    ok = torch.ones(B, dtype=torch.bool, device=gram.device)
+    for p in range(n):
+        piv = H[:, p, p]
+        ok &= (piv > 0) & torch.isfinite(piv)
+        f = H[:, p + 1:, p] / piv[:, None]
+        H[:, p + 1:, p:] -= f[:, :, None] * H[:, p:p + 1, p:]
+        w[:, p + 1:] -= f * w[:, p:p + 1]
+    for r in range(n - 1, -1, -1):
+        w[:, r] = (w[:, r] - (H[:, r, r + 1:] * w[:, r + 1:]).sum(1)) / H[:, r, r]
+    s = w.sum(1, keepdim=True)
+    ok = ok[:, None] & torch.isfinite(s) & (s != 0)
+    fallback = torch.zeros(n, dtype=torch.float64, device=gram.device)
+    fallback[slot] = 1.0
+    alpha = torch.zeros(B, m, dtype=torch.float64, device=gram.device)
+    alpha[:, :n] = torch.where(ok, w / s, fallback)
+    if n == 1:
+        alpha[:, 0] = 1.0
+    return alpha
+
+
+def anderson_step_ref(gram, norms, flags, stat, nstep, trace, k: int, n: int, tol: float, stop_rel: bool,
+                      lam: float, lam_scaled: bool, divergence_factor: float) -> torch.Tensor:
+    """Per-sample bookkeeping of iteration k (residual, divergence, best, stop masks, stats; see
+    ldeq_fast/solvers/reference.py) and the Anderson weights (B, m) for the samples still active."""
+    act = flags[0].clone()
+    abs_r = norms[:, 0].sqrt()
+    rel_r = abs_r / (norms[:, 1].sqrt() + 1e-5)
+    res = rel_r if stop_rel else abs_r
+    if k == 0:
+        stat[3] = torch.where(act, res, stat[3])
+    bad = ~torch.isfinite(res) | (res > divergence_factor * stat[3].clamp_min(1e-30))
+    below = res < tol
+    improved = act & ~bad & (res < stat[0])
+    stat[0] = torch.where(improved, res, stat[0])
+    stat[1] = torch.where(improved, abs_r, stat[1])
+    stat[2] = torch.where(improved, rel_r, stat[2])
+    nstep += act.long()
+    trace[k] = torch.where(act, res, torch.full_like(res, float("nan")))
+    flags[2] |= act & bad
+    flags[1] |= act & ~bad & below
+    flags[0] = act & ~bad & ~below
+    flags[3] = improved
+    alpha = anderson_weights_from_gram(gram, n, k % gram.shape[1], lam, lam_scaled).to(gram.dtype)
+    return torch.where(flags[0][:, None], alpha, torch.zeros_like(alpha))
+
+
+def anderson_mix_ref(F, G, alpha, flags, x, best, slot: int, n: int, beta: float, mix: bool) -> None:
+    """best = F[:, s] where improved; if ``mix``: x = sum_{j<n} alpha_j (F_j - (1 - beta) G_j) where active."""
+    best.copy_(torch.where(flags[3][:, None], F[:, slot], best))
+    if mix:
+        hist = F[:, :n] if beta == 1.0 else F[:, :n] - (1.0 - beta) * G[:, :n]
+        x_new = torch.einsum("bj,bjd->bd", alpha[:, :n].to(x.dtype), hist)
+        x.copy_(torch.where(flags[0][:, None], x_new, x))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Triton backend, registered as custom ops so torch.compile and CUDA graphs see opaque, fakeable calls
+
+@torch.library.custom_op("ldeq_fast::anderson_update_triton", mutates_args=("F", "G", "gram"))
+def _update_triton(fx: torch.Tensor, x: torch.Tensor, F: torch.Tensor, G: torch.Tensor, gram: torch.Tensor,
+                   active: torch.Tensor, slot: int, n: int) -> torch.Tensor:
+    from ldeq_fast.kernels.anderson_update import anderson_update_triton  # noqa: PLC0415 - triton is optional
+
+    return anderson_update_triton(fx, x, F, G, gram, active, slot, n)
+
+
+@_update_triton.register_fake
+def _(fx, x, F, G, gram, active, slot, n):
+    return gram.new_empty(x.shape[0], 2)
+
+
+@torch.library.custom_op("ldeq_fast::anderson_step_triton", mutates_args=("flags", "stat", "nstep", "trace"))
+def _step_triton(gram: torch.Tensor, norms: torch.Tensor, flags: torch.Tensor, stat: torch.Tensor,
+                 nstep: torch.Tensor, trace: torch.Tensor, k: int, n: int, tol: float, stop_rel: bool, lam: float,
+                 lam_scaled: bool, divergence_factor: float) -> torch.Tensor:
+    from ldeq_fast.kernels.anderson_solve import anderson_step_triton  # noqa: PLC0415
+
+    return anderson_step_triton(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled,
+                                divergence_factor)
+
+
+@_step_triton.register_fake
+def _(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled, divergence_factor):
+    return gram.new_empty(gram.shape[0], gram.shape[1])
+
+
+@torch.library.custom_op("ldeq_fast::anderson_mix_triton", mutates_args=("x", "best"))
+def _mix_triton(F: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor, flags: torch.Tensor, x: torch.Tensor,
+                best: torch.Tensor, slot: int, n: int, beta: float, mix: bool) -> None:
+    from ldeq_fast.kernels.anderson_mix import anderson_mix_triton  # noqa: PLC0415
+
+    anderson_mix_triton(F, G, alpha, flags, x, best, slot, n, beta, mix)
+
+
+@_mix_triton.register_fake
+def _(F, G, alpha, flags, x, best, slot, n, beta, mix):
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# C++ backend: schemas and CPU kernels come from ldeq_fast._C; torch.compile needs their fake impls
+
+if _ext.has_cpp():
+    @torch.library.register_fake("ldeq_fast::anderson_update")
+    def _(fx, x, F, G, gram, active, slot, n):
+        return gram.new_empty(x.shape[0], 2)
+
+    @torch.library.register_fake("ldeq_fast::anderson_step")
+    def _(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled, divergence_factor):
+        return gram.new_empty(gram.shape[0], gram.shape[1])
+
+    @torch.library.register_fake("ldeq_fast::anderson_mix")
+    def _(F, G, alpha, flags, x, best, slot, n, beta, mix):
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# dispatch
+
+@dataclass(frozen=True)
+class AndersonOps:
+    """The three ops of one backend, unchecked (the engine builds consistent state once)."""
+    backend: str
+    update: Callable
+    step: Callable
+    mix: Callable
+
+
+def ops_for(backend: str) -> AndersonOps:
+    """Ops for a backend already resolved by ``pick_backend`` ('cpp' | 'triton' | 'torch')."""
+    if backend == "cpp":
+        o = torch.ops.ldeq_fast
+        return AndersonOps("cpp", o.anderson_update, o.anderson_step, o.anderson_mix)
+    if backend == "triton":
+        o = torch.ops.ldeq_fast
+        return AndersonOps("triton", o.anderson_update_triton, o.anderson_step_triton, o.anderson_mix_triton)
+    if backend == "torch":
+        return AndersonOps("torch", anderson_update_ref, anderson_step_ref, anderson_mix_ref)
+    raise ValueError(f"no Anderson ops for backend {backend!r}")
+
+
+def resolve_backend(t: torch.Tensor, backend: str | None = None) -> str:
+    return pick_backend(t, backend, SUPPORTS)
+
+
+def anderson_update(fx, x, F, G, gram, active, slot: int, n: int, backend: str | None = None) -> torch.Tensor:
+    """Write F[:, slot] = fx and G[:, slot] = fx - x and the Gram row/column ``slot`` (over the first n
+    slots) for the active samples; return norms (B, 2) = (||fx - x||^2, ||fx||^2), 0 where inactive."""
+    check_update_args(fx, x, F, G, gram, active, slot, n)
+    return ops_for(resolve_backend(x, backend)).update(fx, x, F, G, gram, active, slot, n)
+
+
+def anderson_step(gram, norms, flags, stat, nstep, trace, k: int, n: int, tol: float, stop_rel: bool, lam: float,
+                  lam_scaled: bool, divergence_factor: float, backend: str | None = None) -> torch.Tensor:
+    """Bookkeeping of iteration k for every sample (updates flags, stat, nstep, trace in place) and the
+    Anderson weights alpha (B, m) (zero for samples no longer active)."""
+    check_step_args(gram, norms, flags, stat, nstep, trace, k, n, lam)
+    return ops_for(resolve_backend(gram, backend)).step(gram, norms, flags, stat, nstep, trace, k, n, float(tol),
+                                                        bool(stop_rel), float(lam), bool(lam_scaled),
+                                                        float(divergence_factor))
+
+
+def anderson_mix(F, G, alpha, flags, x, best, slot: int, n: int, beta: float, mix: bool = True,
+                 backend: str | None = None) -> None:
+    """best = F[:, slot] where improved; if ``mix``, x = sum_j alpha_j (F_j - (1 - beta) G_j) where active."""
+    check_mix_args(F, G, alpha, flags, x, best, slot, n, beta)
+    ops_for(resolve_backend(x, backend)).mix(F, G, alpha, flags, x, best, slot, n, float(beta), bool(mix))

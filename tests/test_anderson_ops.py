@@ -1,0 +1,475 @@
+"""The three fused Anderson ops (update, step, mix) of every backend against their PyTorch references.
+
+C++ tests skip when ldeq_fast._C is not built; Triton tests run the kernels on CPU under
+TRITON_INTERPRET=1 (tiny shapes: the interpreter runs each program in Python).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ldeq_fast.ops.anderson as A
+from ldeq_fast import _ext
+from ldeq_fast.solvers.reference import anderson_weights_reference
+
+needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason=f"C++ extension not built: {_ext.missing_reason()}")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: on the shared 2-core machine OpenMP spin-waits make each small op ~10x slower with
+    two threads.  (test_cpp_results_do_not_depend_on_thread_count sets its own thread counts.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# Triton picks interpreter or GPU compilation when its own library is imported, so the CPU runs of the
+# Triton kernels happen in a child pytest started with TRITON_INTERPRET=1 (test_triton_suite_in_interpreter).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process "
+                                       "started by test_triton_suite_in_interpreter")
+
+
+TRITON_TEST_FILES = ("test_anderson_ops.py", "test_fused_solver.py")
+
+
+def run_triton_suite() -> None:
+    """Run the Triton tests of the solver test files in one child pytest with the interpreter on."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", LDEQ_FAST_TEST_THREADS="1")
+    here = os.path.dirname(os.path.abspath(__file__))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton",
+           *(os.path.join(here, name) for name in TRITON_TEST_FILES)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0 and " passed" in proc.stdout, f"Triton interpreter suite failed:\n{tail}"
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the child run")
+def test_triton_suite_in_interpreter():
+    """The Triton kernels on CPU, op by op and in whole solves (tests named *triton* in both files)."""
+    run_triton_suite()
+
+
+@pytest.fixture
+def triton_interpret():
+    pytest.importorskip("triton")
+    if not INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child process started by test_triton_suite_in_interpreter")
+
+
+@pytest.fixture(params=["cpp", "triton"])
+def backend(request):
+    if request.param == "cpp":
+        if not _ext.has_cpp():
+            pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
+    else:
+        request.getfixturevalue("triton_interpret")
+    return request.param
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _ring(B, m, D, dtype, g):
+    return torch.randn(B, m, D, generator=g, dtype=dtype), torch.randn(B, m, D, generator=g, dtype=dtype)
+
+
+def _mask(B, g):
+    mask = torch.rand(B, generator=g) < 0.6
+    mask[0] = True                       # at least one active sample
+    if B > 1:
+        mask[-1] = False                 # and one inactive
+    return mask
+
+
+def _close(a, b, dtype, scale=1.0):
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1e-10, 1e-12)
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# anderson_update
+
+def _check_update(backend, B, D, m, dtype, seed):
+    g = _gen(seed)
+    slot_n = [(0, 1)] if m == 1 else [(m - 1, m), (1, 2)]       # full history and partially filled
+    for slot, n in slot_n:
+        F, G = _ring(B, m, D, dtype, g)
+        F[:, slot] = float("nan")                               # must be written for active samples
+        G[:, slot] = float("nan")
+        gram = torch.randn(B, m, m, generator=g, dtype=A.acc_dtype(dtype))
+        gram[:, slot, :] = float("nan")
+        gram[:, :, slot] = float("nan")
+        fx = torch.randn(B, D, generator=g, dtype=dtype)
+        x = torch.randn(B, D, generator=g, dtype=dtype)
+        active = _mask(B, g)
+        Fr, Gr, gramr = F.clone(), G.clone(), gram.clone()
+        norms_r = A.anderson_update_ref(fx, x, Fr, Gr, gramr, active, slot, n)
+        norms = A.anderson_update(fx, x, F, G, gram, active, slot, n, backend=backend)
+        assert torch.equal(F.nan_to_num(7.0), Fr.nan_to_num(7.0)) and torch.equal(G.nan_to_num(7.0), Gr.nan_to_num(7.0))
+        assert not F[active, slot].isnan().any() and not gram[active, slot, :n].isnan().any()
+        _close(gram, gramr, dtype, scale=D)                     # dot products of D unit-size terms
+        _close(norms, norms_r, dtype, scale=D)
+        assert (norms[~active] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("D", [1, 37, 1001])
+@pytest.mark.parametrize("m", [1, 2, 6])
+@needs_cpp
+def test_update_cpp(B, D, m, dtype):
+    _check_update("cpp", B, D, m, dtype, seed=B * 1000 + D + m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@needs_cpp
+def test_update_cpp_multichunk(dtype):
+    """D spans several fixed-size work chunks (8192 elements) whose partial sums are combined."""
+    _check_update("cpp", 3, 20011, 6, dtype, seed=11)
+
+
+@pytest.mark.parametrize("B,D,m,dtype", [(1, 1, 1, torch.float32), (3, 37, 2, torch.float32),
+                                         (8, 1001, 6, torch.float32), (3, 37, 6, torch.float64)])
+def test_update_triton(triton_interpret, B, D, m, dtype):
+    _check_update("triton", B, D, m, dtype, seed=B + D + m)
+
+
+def test_update_triton_multiblock(triton_interpret):
+    """Several D-blocks per sample, so the cross-block reduction is exercised."""
+    from ldeq_fast.kernels.anderson_update import anderson_update_triton
+
+    g = _gen(5)
+    B, m, D = 3, 3, 37
+    F, G = _ring(B, m, D, torch.float32, g)
+    gram = torch.full((B, m, m), float("nan"))
+    fx, x = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    active = torch.tensor([True, False, True])
+    Fr, Gr, gramr = F.clone(), G.clone(), gram.clone()
+    norms_r = A.anderson_update_ref(fx, x, Fr, Gr, gramr, active, 1, 3)
+    norms = anderson_update_triton(fx, x, F, G, gram, active, 1, 3, block=16)
+    _close(gram, gramr, torch.float32, scale=D)
+    _close(norms, norms_r, torch.float32, scale=D)
+    assert torch.equal(F, Fr) and torch.equal(G, Gr)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# anderson_step
+
+def _step_state(B, m, k, dtype, g, T=12):
+    acc = A.acc_dtype(dtype)
+    flags = torch.zeros(4, B, dtype=torch.bool)
+    flags[0] = _mask(B, g)
+    flags[1] = ~flags[0] & (torch.rand(B, generator=g) < 0.5)
+    flags[2] = ~flags[0] & ~flags[1]
+    flags[3] = torch.rand(B, generator=g) < 0.5                  # stale: must be overwritten
+    stat = torch.rand(4, B, generator=g, dtype=acc) + 0.5
+    nstep = torch.randint(0, 5, (B,), generator=g)
+    trace = torch.full((T, B), -1.0, dtype=acc)                  # row k must be written for every sample
+    return flags, stat, nstep, trace
+
+
+def _check_step(backend, B, m, k, dtype, seed, lam_mode="scaled", stop_rel=True):
+    g = _gen(seed)
+    acc = A.acc_dtype(dtype)
+    n = min(k + 1, m)
+    Gh = torch.randn(B, m, 50, generator=g, dtype=torch.float64)
+    gram = torch.einsum("bid,bjd->bij", Gh, Gh).to(acc)
+    norms = (torch.rand(B, 2, generator=g, dtype=torch.float64) * 2).to(acc)
+    if B >= 3:
+        norms[1, 0] = float("nan")                                # diverged sample
+        norms[2, 0] = 1e-12                                       # converged sample
+    flags, stat, nstep, trace = _step_state(B, m, k, dtype, g)
+    flags[0, :3] = True
+    ref_state = [t.clone() for t in (flags, stat, nstep, trace)]
+    args = (k, n, 1e-3, stop_rel, 1e-4, lam_mode == "scaled", 1e4)
+    alpha_r = A.anderson_step_ref(gram, norms, *ref_state, *args)
+    alpha = A.anderson_step(gram, norms, flags, stat, nstep, trace, *args, backend=backend)
+    assert torch.equal(flags, ref_state[0])
+    assert torch.equal(nstep, ref_state[2])
+    _close(stat, ref_state[1], dtype)
+    _close(trace, ref_state[3], dtype)
+    assert not (trace[k] == -1).any()
+    assert not alpha.isnan().any()
+    _close(alpha, alpha_r, dtype)
+    # the weights are the bordered system's solution, as anderson_weights_reference computes it
+    still = flags[0]
+    valid = torch.zeros(B, m, dtype=torch.bool)
+    valid[:, :n] = True
+    w_ref = anderson_weights_reference(Gh, valid, 1e-4, lam_mode)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(alpha[still].double(), w_ref[still], rtol=tol, atol=tol)
+    assert (alpha[~still] == 0).all()
+    return flags
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("m", [1, 2, 6])
+@pytest.mark.parametrize("k", [0, 1, 7])
+@needs_cpp
+def test_step_cpp(B, m, k, dtype):
+    _check_step("cpp", B, m, k, dtype, seed=B * 100 + m * 10 + k)
+
+
+@needs_cpp
+@pytest.mark.parametrize("lam_mode", ["scaled", "absolute"])
+@pytest.mark.parametrize("stop_rel", [True, False])
+def test_step_cpp_modes(lam_mode, stop_rel):
+    _check_step("cpp", 4, 5, 6, torch.float64, seed=3, lam_mode=lam_mode, stop_rel=stop_rel)
+
+
+@pytest.mark.parametrize("B,m,k,dtype,lam_mode", [(1, 1, 0, torch.float32, "scaled"),
+                                                  (3, 6, 7, torch.float32, "scaled"),
+                                                  (3, 2, 1, torch.float64, "absolute"),
+                                                  (8, 6, 3, torch.float64, "scaled")])
+def test_step_triton(triton_interpret, B, m, k, dtype, lam_mode):
+    _check_step("triton", B, m, k, dtype, seed=B + m + k, lam_mode=lam_mode)
+
+
+def test_step_semantics(backend):
+    """Stopping rules spelled out: first residual, divergence factor, tolerance, best tracking."""
+    B, m = 4, 3
+    gram = torch.eye(m).repeat(B, 1, 1)
+    flags, stat, nstep, trace = (torch.zeros(4, B, dtype=torch.bool), torch.full((4, B), float("inf")),
+                                 torch.zeros(B, dtype=torch.long), torch.full((3, B), float("nan")))
+    flags[0] = True
+    stat[3] = float("nan")
+    abs_sq = torch.tensor([4.0, 1.0, float("inf"), 9.0])
+    norms = torch.stack([abs_sq, torch.full((B,), 1e6)], 1)
+    A.anderson_step(gram, norms, flags, stat, nstep, trace, 0, 1, 0.5, False, 1e-4, True, 2.0, backend=backend)
+    assert flags[0].tolist() == [True, True, False, True] and flags[2].tolist() == [False, False, True, False]
+    assert stat[3, :2].tolist() == [2.0, 1.0] and stat[0].tolist()[:2] == [2.0, 1.0]
+    assert flags[3].tolist() == [True, True, False, True]
+    # k = 1: sample 0 gets worse (no improvement), sample 1 blows past 2x its first residual,
+    # sample 3 drops below tol
+    norms = torch.stack([torch.tensor([5.0, 9.0, 0.0, 0.01]), torch.full((B,), 1e6)], 1)
+    A.anderson_step(gram, norms, flags, stat, nstep, trace, 1, 2, 0.5, False, 1e-4, True, 2.0, backend=backend)
+    assert flags[0].tolist() == [True, False, False, False]
+    assert flags[1].tolist() == [False, False, False, True]
+    assert flags[2].tolist() == [False, True, True, False]
+    assert flags[3].tolist() == [False, False, False, True]
+    assert nstep.tolist() == [2, 2, 1, 2]
+    assert trace[1, 2].isnan() and trace[1, 3].item() == pytest.approx(0.1)
+    assert stat[0].tolist()[0] == 2.0 and stat[1, 3].item() == pytest.approx(0.1)
+
+
+def test_step_rank_deficient_falls_back_to_fixed_point(backend):
+    """lam = 0 and two identical residuals: the system is singular; the step is plain iteration."""
+    B, m, k = 2, 3, 2
+    Gh = torch.randn(B, m, 9, dtype=torch.float64)
+    Gh[:, 1] = Gh[:, 0]
+    gram = torch.einsum("bid,bjd->bij", Gh, Gh)
+    flags, stat, nstep, trace = (torch.zeros(4, B, dtype=torch.bool), torch.full((4, B), float("inf"), dtype=torch.float64),
+                                 torch.zeros(B, dtype=torch.long), torch.full((4, B), float("nan"), dtype=torch.float64))
+    flags[0] = True
+    stat[3] = 1.0
+    norms = torch.ones(B, 2, dtype=torch.float64)
+    alpha = A.anderson_step(gram, norms, flags, stat, nstep, trace, k, 3, 0.0, True, 0.0, False, 1e4, backend=backend)
+    expected = torch.zeros(B, m, dtype=torch.float64)
+    expected[:, k % m] = 1.0
+    assert torch.equal(alpha, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# anderson_mix
+
+def _check_mix(backend, B, D, m, dtype, seed):
+    g = _gen(seed)
+    acc = A.acc_dtype(dtype)
+    for slot, n, beta, mix in [(m - 1, m, 1.0, True), (0, 1, 0.5, True), (min(1, m - 1), min(2, m), 0.7, False)]:
+        F, G = _ring(B, m, D, dtype, g)
+        F[:, n:] = float("nan")                                  # invalid slots must not be read
+        G[:, n:] = float("nan")
+        if beta == 1.0:
+            G[:] = float("nan")                                  # at beta = 1 G is not read at all
+        alpha = torch.randn(B, m, generator=g, dtype=acc)
+        flags = torch.zeros(4, B, dtype=torch.bool)
+        flags[0] = _mask(B, g)
+        flags[3] = torch.rand(B, generator=g) < 0.5
+        flags[3, 0] = True
+        x = torch.randn(B, D, generator=g, dtype=dtype)
+        best = torch.randn(B, D, generator=g, dtype=dtype)
+        xr, bestr = x.clone(), best.clone()
+        A.anderson_mix_ref(F, G.nan_to_num(0.0) if beta == 1.0 else G, alpha, flags, xr, bestr, slot, n, beta, mix)
+        A.anderson_mix(F, G, alpha, flags, x, best, slot, n, beta, mix, backend=backend)
+        assert torch.equal(best, bestr)
+        _close(x, xr, dtype, scale=m)
+        assert not x.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("D", [1, 37, 1001])
+@pytest.mark.parametrize("m", [1, 2, 6])
+@needs_cpp
+def test_mix_cpp(B, D, m, dtype):
+    _check_mix("cpp", B, D, m, dtype, seed=B * 1000 + D + m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@needs_cpp
+def test_mix_cpp_multichunk(dtype):
+    _check_mix("cpp", 3, 20011, 6, dtype, seed=12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@needs_cpp
+def test_cpp_long_history(dtype):
+    """m > 8: the mix's generic (not unrolled) path, and a longer Gram row."""
+    _check_mix("cpp", 3, 1001, 11, dtype, seed=14)
+    _check_update("cpp", 3, 1001, 11, dtype, seed=15)
+
+
+@needs_cpp
+def test_cpp_results_do_not_depend_on_thread_count():
+    """Fixed-size work chunks combined in a fixed order: bitwise the same answer on 1 or 2 threads."""
+    g = _gen(13)
+    B, m, D = 3, 4, 3 * 8192 + 77
+    F0, G0 = _ring(B, m, D, torch.float32, g)
+    fx, x = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    alpha = torch.randn(B, m, generator=g)
+    flags = torch.ones(4, B, dtype=torch.bool)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        F, G, gram = F0.clone(), G0.clone(), torch.zeros(B, m, m)
+        norms = torch.ops.ldeq_fast.anderson_update(fx, x, F, G, gram, flags[0], 2, 4)
+        xo, best = x.clone(), x.clone()
+        torch.ops.ldeq_fast.anderson_mix(F, G, alpha, flags, xo, best, 2, 4, 0.5, True)
+        results.append((norms, gram, xo, best))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("B,D,m,dtype", [(1, 1, 1, torch.float32), (3, 37, 2, torch.float32),
+                                         (8, 1001, 6, torch.float32), (3, 37, 6, torch.float64)])
+def test_mix_triton(triton_interpret, B, D, m, dtype):
+    _check_mix("triton", B, D, m, dtype, seed=B + D + m)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# registration, errors, GPU compile check
+
+def _opcheck_args(B=2, m=3, D=5, dtype=torch.float64):
+    g = _gen(0)
+    acc = A.acc_dtype(dtype)
+    F, G = _ring(B, m, D, dtype, g)
+    fx, x = torch.randn(B, D, generator=g, dtype=dtype), torch.randn(B, D, generator=g, dtype=dtype)
+    gram = torch.zeros(B, m, m, dtype=acc)
+    flags = torch.zeros(4, B, dtype=torch.bool)
+    flags[0] = True
+    flags[3, 0] = True
+    stat = torch.full((4, B), float("inf"), dtype=acc)
+    stat[3] = 1.0
+    nstep = torch.zeros(B, dtype=torch.long)
+    trace = torch.zeros(4, B, dtype=acc)
+    norms = torch.rand(B, 2, generator=g, dtype=acc)
+    alpha = torch.full((B, m), 1.0 / m, dtype=acc)
+    best = x.clone()
+    return {
+        "update": (fx, x, F, G, gram, flags[0].clone(), 1, 2),
+        "step": (torch.eye(m, dtype=acc).repeat(B, 1, 1), norms, flags, stat, nstep, trace, 2, 3, 1e-3, True,
+                 1e-4, True, 1e4),
+        "mix": (F, G, alpha, flags, x, best, 1, 3, 0.5, True),
+    }
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", ["update", "step", "mix"])
+def test_opcheck_cpp(op):
+    torch.library.opcheck(getattr(torch.ops.ldeq_fast, f"anderson_{op}").default, _opcheck_args()[op])
+
+
+@pytest.mark.parametrize("op", ["update", "step", "mix"])
+def test_opcheck_triton(triton_interpret, op):
+    torch.library.opcheck(getattr(torch.ops.ldeq_fast, f"anderson_{op}_triton").default,
+                          _opcheck_args(dtype=torch.float32)[op])
+
+
+def test_bad_inputs_name_the_problem():
+    a = _opcheck_args(dtype=torch.float32)
+    fx, x, F, G, gram, active, slot, n = a["update"]
+    with pytest.raises(TypeError, match="fx dtype"):
+        A.anderson_update(fx.double(), x, F, G, gram, active, slot, n, backend="torch")
+    with pytest.raises(ValueError, match="slot"):
+        A.anderson_update(fx, x, F, G, gram, active, 3, n, backend="torch")
+    with pytest.raises(ValueError, match="gram must be"):
+        A.anderson_update(fx, x, F, G, gram.double(), active, slot, n, backend="torch")
+    with pytest.raises(ValueError, match="contiguous"):
+        A.anderson_update(fx, x, F.transpose(0, 1).contiguous().transpose(0, 1), G, gram, active, slot, n,
+                          backend="torch")
+    with pytest.raises(TypeError, match="float32 and float64"):
+        A.anderson_update(fx.half(), x.half(), F.half(), G.half(), gram, active, slot, n, backend="torch")
+    s = a["step"]
+    with pytest.raises(ValueError, match="flags"):
+        A.anderson_step(s[0], s[1], s[2].int(), *s[3:], backend="torch")
+    with pytest.raises(ValueError, match="lam"):
+        A.anderson_step(*s[:10], -1.0, *s[11:], backend="torch")
+    mx = a["mix"]
+    with pytest.raises(ValueError, match="alpha"):
+        A.anderson_mix(mx[0], mx[1], mx[2][:, :2].contiguous(), *mx[3:], backend="torch")
+
+
+@needs_cpp
+def test_cpp_kernels_check_their_inputs():
+    fx, x, F, G, gram, active, slot, n = _opcheck_args()["update"]
+    with pytest.raises(RuntimeError, match="slot"):
+        torch.ops.ldeq_fast.anderson_update(fx, x, F, G, gram, active, 5, n)
+    with pytest.raises(RuntimeError, match="fx dtype"):
+        torch.ops.ldeq_fast.anderson_update(fx.float(), x, F, G, gram, active, slot, n)
+    with pytest.raises(RuntimeError, match="gram must be"):
+        torch.ops.ldeq_fast.anderson_update(fx, x, F, G, gram.float(), active, slot, n)
+
+
+def _ptxas_ok():
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs Triton's compiler, not its interpreter")
+def test_triton_kernels_compile_for_h100(monkeypatch):
+    """Compile every Triton kernel to sm_90 machine code (no GPU needed): catches what the interpreter
+    accepts but the compiler does not."""
+    triton = pytest.importorskip("triton")
+    if not _ptxas_ok():
+        pytest.skip("triton's NVIDIA backend / ptxas is not available")
+    import triton.language as tl
+    from ldeq_fast.kernels import anderson_mix as mix
+    from ldeq_fast.kernels import anderson_solve as sol
+    from ldeq_fast.kernels import anderson_update as upd
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    target = GPUTarget("cuda", 90, 32)
+
+    def compile_(fn, types, constexprs, num_warps):
+        sig = {}
+        for name in fn.arg_names:
+            sig[name] = "constexpr" if name in constexprs else types.get(name, "i32")
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                           options={"num_warps": num_warps})
+        assert len(k.asm["cubin"]) > 0
+
+    for fp, acc in (("fp32", tl.float32), ("fp64", tl.float64)):
+        p = f"*{fp}"
+        compile_(upd._update_blocks_kernel, {"fx_ptr": p, "x_ptr": p, "F_ptr": p, "G_ptr": p, "active_ptr": "*i1",
+                                             "part_ptr": "*fp64"}, {"BLOCK": 4096}, 8)
+        compile_(upd._update_reduce_kernel, {"part_ptr": "*fp64", "active_ptr": "*i1", "gram_ptr": p, "norms_ptr": p},
+                 {"QP": 8, "RB": 64}, 1)
+        compile_(mix._mix_kernel, {"F_ptr": p, "G_ptr": p, "alpha_ptr": p, "flags_ptr": "*i1", "x_ptr": p,
+                                   "best_ptr": p, "one_minus_beta": "fp32"},
+                 {"MIX": True, "USE_G": True, "BLOCK": 4096, "ACC": acc}, 8)
+        compile_(sol._step_kernel, {"gram_ptr": p, "norms_ptr": p, "flags_ptr": "*i1", "stat_ptr": p,
+                                    "nstep_ptr": "*i64", "trace_ptr": p, "alpha_ptr": p,
+                                    **{f"{v}_{h}": "fp32" for v in ("tol", "lam", "div") for h in ("hi", "lo")}},
+                 {"STOP_REL": True, "LAM_SCALED": True, "MP": 8, "IS_FP64": fp == "fp64"}, 1)

@@ -1,0 +1,327 @@
+"""The fused solver engine (ldeq_fast/solvers/fused.py) against the reference solvers, per backend.
+
+'torch' runs the engine on the ops' PyTorch references, 'cpp' on the C++ kernels (skipped if the
+extension is not built), 'triton' on the Triton kernels under TRITON_INTERPRET=1 in a child process (started by
+tests/test_anderson_ops.py::test_triton_suite_in_interpreter), CUDA-device tests only with a GPU.
+"""
+import os
+
+import pytest
+import torch
+
+from ldeq_fast import _ext
+from ldeq_fast.solvers import solve
+from ldeq_fast.solvers.fused import anderson_fused
+from ldeq_fast.solvers.reference import anderson_reference, fixed_point_reference
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: on the shared 2-core machine OpenMP spin-waits make each small op ~10x slower with
+    two threads.  (test_cpp_results_do_not_depend_on_thread_count sets its own thread counts.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def contractive(B, D, dtype, scale=0.9, seed=0, device="cpu"):
+    """Per-sample f(z) = tanh(W_b z + c_b), ||W_b||_2 = scale < 1."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(B, D, D, generator=g, dtype=torch.float64)
+    W = (scale * W / torch.linalg.matrix_norm(W, 2)[:, None, None]).to(dtype).to(device)
+    c = torch.randn(B, D, generator=g, dtype=dtype).to(device)
+
+    def f(z):
+        return torch.tanh(torch.einsum("bij,bj->bi", W, z.reshape(B, -1)) + c).reshape(z.shape)
+
+    return f, (W, c)
+
+
+@pytest.fixture(params=["torch-ops", "cpp", "triton"])
+def backend(request):
+    if request.param == "cpp" and not _ext.has_cpp():
+        pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        if not INTERPRETED:
+            pytest.skip("runs in the TRITON_INTERPRET=1 child process started by "
+                        "tests/test_anderson_ops.py::test_triton_suite_in_interpreter")
+    return {"torch-ops": "torch", "cpp": "cpp", "triton": "triton"}[request.param]
+
+
+def fused_solve(f, z0, backend, method="anderson", damping=1.0, **kw):
+    """solve() for the kernel backends; the engine on the ops' references for 'torch' (solve() would
+    run the reference solver itself)."""
+    if backend != "torch":
+        return solve(f, z0, method=method, damping=damping, backend=backend, **kw)
+    if method == "fpi":
+        kw.update(m=1, beta=damping)
+    return anderson_fused(f, z0, backend="torch", method=method, **kw)
+
+
+@pytest.fixture(params=["torch-ops", "cpp"])
+def logic_backend(request):
+    """For tests of the engine's logic, which does not depend on the kernels: the Triton ops are
+    checked against the same references in tests/test_anderson_ops.py, and the interpreter is slow."""
+    if request.param == "cpp" and not _ext.has_cpp():
+        pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
+    return {"torch-ops": "torch", "cpp": "cpp"}[request.param]
+
+
+def _tols(dtype):
+    return (1e-5, 1e-7) if dtype == torch.float32 else (1e-10, 1e-13)
+
+
+def _assert_same_solve(z, st, zr, sr, dtype):
+    rtol, atol = _tols(dtype)
+    rel = ((z - zr).norm() / zr.norm()).item()
+    assert rel <= rtol, f"fixed point differs from the reference by {rel:.2e} (relative)"
+    assert torch.equal(st.nstep, sr.nstep)
+    assert torch.equal(st.converged, sr.converged) and torch.equal(st.diverged, sr.diverged)
+    torch.testing.assert_close(st.best_residual, sr.best_residual, rtol=1e-3 if dtype == torch.float32 else 1e-7,
+                               atol=10 * atol)
+    torch.testing.assert_close(st.abs_residual, sr.abs_residual, rtol=1e-3 if dtype == torch.float32 else 1e-7,
+                               atol=10 * atol)
+    assert torch.equal(st.trace.isnan(), sr.trace.isnan())
+    # residuals of late iterates are small differences of nearby values: compare them on the scale of the first
+    scale = sr.trace[0].abs().max().item()
+    torch.testing.assert_close(st.trace.nan_to_num(), sr.trace.nan_to_num(), rtol=0,
+                               atol=(1e-5 if dtype == torch.float32 else 1e-10) * scale)
+    assert st.trace.shape == sr.trace.shape and st.trace.dtype == sr.trace.dtype
+
+
+# With D < m the residual history is rank-deficient and the weights are pinned only by the regulariser:
+# then fp32 rounding of x_j + g_j (reference) vs f(x_j) (engine) is amplified past 1e-5; D = 1 uses m = 1.
+CASES = [  # B, D, m, beta, max_iter, tol
+    (1, 1, 1, 1.0, 8, 1e-5),
+    (3, 37, 6, 1.0, 40, 1e-5),
+    (8, 101, 2, 0.8, 30, 1e-4),
+    (3, 37, 6, 1.0, 7, 0.0),       # max_iter < m, never converges: every slot path
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_anderson_matches_reference(backend, case, dtype):
+    B, D, m, beta, max_iter, tol = case
+    if backend == "triton" and (B > 3 or D < 2 or dtype == torch.float64):
+        pytest.skip("interpreter: the small fp32 cases are enough (fp64 is covered op by op)")
+    if backend == "triton":
+        max_iter = min(max_iter, 9)     # interpreter: enough to wrap the ring (m = 6)
+    f, _ = contractive(B, D, dtype, seed=B + D)
+    z0 = torch.randn(B, D, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    zr, sr = anderson_reference(f, z0, max_iter=max_iter, tol=tol, m=m, beta=beta)
+    z, st = fused_solve(f, z0, backend, max_iter=max_iter, tol=tol, m=m, beta=beta)
+    assert st.backend == backend and st.method == "anderson" and z.shape == z0.shape and z.dtype == dtype
+    _assert_same_solve(z, st, zr, sr, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("damping,stop_mode", [(1.0, "rel"), (0.7, "abs")])
+def test_fpi_matches_reference(backend, damping, stop_mode, dtype):
+    if backend == "triton" and (dtype == torch.float64 or damping == 1.0):
+        pytest.skip("interpreter: one fp32 case is enough")
+    f, _ = contractive(3, 37, dtype, seed=4)
+    z0 = torch.zeros(3, 37, dtype=dtype)
+    zr, sr = fixed_point_reference(f, z0, max_iter=25, tol=1e-4, stop_mode=stop_mode, damping=damping)
+    z, st = fused_solve(f, z0, backend, method="fpi", max_iter=25, tol=1e-4, stop_mode=stop_mode,
+                        damping=damping)
+    assert st.method == "fpi"
+    _assert_same_solve(z, st, zr, sr, dtype)
+
+
+@pytest.mark.parametrize("lam_mode", ["scaled", "absolute"])
+def test_lam_modes_match_reference(logic_backend, lam_mode):
+    f, _ = contractive(4, 53, torch.float64, scale=0.97, seed=9)
+    z0 = torch.zeros(4, 53, dtype=torch.float64)
+    zr, sr = anderson_reference(f, z0, max_iter=40, tol=1e-9, lam_mode=lam_mode)
+    z, st = fused_solve(f, z0, logic_backend, max_iter=40, tol=1e-9, lam_mode=lam_mode)
+    _assert_same_solve(z, st, zr, sr, torch.float64)
+
+
+def test_image_shapes_and_layouts(logic_backend):
+    """Batch-first states of any rank; f may return a non-contiguous (channels_last) tensor."""
+    B, C, H, W = 2, 3, 5, 7
+    c = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(2))
+
+    def f(z):
+        return (0.5 * torch.tanh(z) + c).contiguous(memory_format=torch.channels_last)
+
+    z0 = torch.zeros(B, C, H, W).contiguous(memory_format=torch.channels_last)
+    zr, sr = anderson_reference(f, z0, max_iter=20, tol=1e-6)
+    z, st = fused_solve(f, z0, logic_backend, max_iter=20, tol=1e-6)
+    assert z.shape == z0.shape
+    _assert_same_solve(z, st, zr, sr, torch.float32)
+    assert torch.equal(z0, torch.zeros_like(z0))            # z0 is not written
+
+
+def test_batch_invariance(logic_backend):
+    B, D = 8, 53
+    f, (W, c) = contractive(B, D, torch.float32, seed=3)
+    z0 = torch.randn(B, D, generator=torch.Generator().manual_seed(4)) * 0.1
+    z, st = fused_solve(f, z0, logic_backend, max_iter=40, tol=1e-5)
+    for i in (0, 5):
+        def fi(v, i=i):
+            return torch.tanh(torch.einsum("bij,bj->bi", W[i:i + 1], v) + c[i:i + 1])
+
+        zi, sti = fused_solve(fi, z0[i:i + 1], logic_backend, max_iter=40, tol=1e-5)
+        torch.testing.assert_close(z[i:i + 1], zi, rtol=1e-5, atol=1e-6)
+        assert st.nstep[i] == sti.nstep[0] and st.converged[i] == sti.converged[0]
+
+
+@pytest.mark.parametrize("method", ["anderson", "fpi"])
+def test_max_iter_one_returns_f_of_z0(backend, method):
+    f, _ = contractive(3, 11, torch.float64, seed=5)
+    z0 = torch.randn(3, 11, dtype=torch.float64)
+    z, st = fused_solve(f, z0, backend, method=method, max_iter=1, tol=0.0)
+    assert torch.equal(z, f(z0))
+    assert (st.nstep == 1).all() and st.trace.shape == (1, 3)
+
+
+def test_max_iter_two_returns_best_not_z0(backend):
+    f, _ = contractive(3, 9, torch.float64, seed=6)
+    z0 = torch.randn(3, 9, dtype=torch.float64) * 3
+    zr, sr = anderson_reference(f, z0, max_iter=2, tol=0.0)
+    z, st = fused_solve(f, z0, backend, max_iter=2, tol=0.0)
+    _assert_same_solve(z, st, zr, sr, torch.float64)
+    assert not torch.isclose(z, z0).all(dim=1).any()
+    x1 = f(z0)
+    # each sample returns the image of whichever iterate (z0 or f(z0)) had the lower residual
+    for b in range(3):
+        assert torch.allclose(z[b], x1[b]) or torch.allclose(z[b], f(x1)[b])
+
+
+def test_nan_sample_diverges_alone(logic_backend):
+    B, D = 3, 17
+    f0, _ = contractive(B, D, torch.float32, seed=7)
+
+    def f(z):
+        out = f0(z)
+        if f.calls >= 3:                       # sample 1 blows up at its fourth evaluation
+            out[1, 4] = float("nan")
+        f.calls += 1
+        return out
+
+    f.calls = 0
+    z0 = torch.zeros(B, D)
+    z, st = fused_solve(f, z0, logic_backend, max_iter=30, tol=1e-5)
+    f.calls = 0
+    zr, sr = anderson_reference(f, z0, max_iter=30, tol=1e-5)
+    assert st.diverged.tolist() == [False, True, False] and st.converged.tolist() == [True, False, True]
+    assert st.nstep[1] == 4 and torch.isfinite(z).all()
+    _assert_same_solve(z, st, zr, sr, torch.float32)
+    # the healthy samples do not notice
+    z_ok, st_ok = fused_solve(f0, z0, logic_backend, max_iter=30, tol=1e-5)
+    torch.testing.assert_close(z[[0, 2]], z_ok[[0, 2]], rtol=0, atol=0)
+    assert torch.equal(st.nstep[[0, 2]], st_ok.nstep[[0, 2]])
+
+
+def test_check_every_and_fixed_iters_do_not_change_the_answer(logic_backend):
+    f, _ = contractive(3, 29, torch.float32, seed=8)
+    z0 = torch.zeros(3, 29)
+    z1, s1 = anderson_fused(f, z0, max_iter=30, tol=1e-5, backend=logic_backend, check_every=1)
+    for kw in ({"check_every": 3}, {"check_every": 0}, {"fixed_iters": True}):
+        z, s = anderson_fused(f, z0, max_iter=30, tol=1e-5, backend=logic_backend, **kw)
+        assert torch.equal(z, z1), kw
+        for name in ("nstep", "best_residual", "abs_residual", "rel_residual", "converged", "diverged"):
+            assert torch.equal(getattr(s, name), getattr(s1, name)), (kw, name)
+        assert torch.equal(s.trace.nan_to_num(-1.0), s1.trace.nan_to_num(-1.0))
+
+
+def test_fixed_iters_under_torch_compile_fullgraph():
+    """No host sync and no data-dependent Python in fixed-iteration mode: the whole solve traces as one
+    graph (the C++ ops through their fake impls) and matches eager."""
+    if not _ext.has_cpp():
+        pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
+    torch._dynamo.reset()
+    f, _ = contractive(3, 37, torch.float32, seed=10)
+
+    def run(z0):
+        z, st = anderson_fused(f, z0, max_iter=4, tol=1e-4, backend="cpp", fixed_iters=True)
+        return z, st.nstep, st.trace, st.converged, st.best_residual
+
+    z0 = torch.randn(3, 37)
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(z0), run(z0)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+
+def test_bad_arguments_and_bad_f():
+    f, _ = contractive(2, 5, torch.float32)
+    z0 = torch.zeros(2, 5)
+    with pytest.raises(TypeError, match="dtype"):
+        anderson_fused(lambda z: f(z).double(), z0, backend="torch")
+    with pytest.raises(ValueError, match="shape"):
+        anderson_fused(lambda z: f(z)[:, :4], z0, backend="torch")
+    with pytest.raises(TypeError, match="float32 or float64"):
+        anderson_fused(f, z0.half(), backend="torch")
+    with pytest.raises(ValueError, match="history length"):
+        anderson_fused(f, z0, m=0, backend="torch")
+    with pytest.raises(ValueError, match="lam_mode"):
+        anderson_fused(f, z0, lam_mode="relative", backend="torch")
+    with pytest.raises(ValueError, match="check_every"):
+        anderson_fused(f, z0, check_every=-1, backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gpu_triton_matches_reference(dtype):
+    pytest.importorskip("triton")
+    for B, D, m, beta in [(1, 1, 1, 1.0), (3, 37, 6, 1.0), (8, 301, 2, 0.8), (8, 98 * 64 + 3, 6, 1.0)]:
+        f, _ = contractive(B, min(D, 301), dtype, seed=D, device="cuda")
+        if D > 301:  # a cheap elementwise map for the large state
+            c = torch.randn(B, D, dtype=dtype, device="cuda")
+
+            def f(z, c=c):
+                return 0.5 * torch.tanh(z) + c
+        z0 = torch.randn(B, D, dtype=dtype, device="cuda")
+        zr, sr = anderson_reference(f, z0, max_iter=30, tol=1e-5, m=m, beta=beta)
+        z, st = solve(f, z0, max_iter=30, tol=1e-5, m=m, beta=beta, backend="triton")
+        assert st.backend == "triton"
+        _assert_same_solve(z.cpu(), _cpu(st), zr.cpu(), _cpu(sr), dtype)
+
+
+def _cpu(st):
+    for name in ("nstep", "best_residual", "abs_residual", "rel_residual", "trace", "converged", "diverged"):
+        setattr(st, name, getattr(st, name).cpu())
+    return st
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_replay():
+    pytest.importorskip("triton")
+    B, D = 4, 98 * 64 * 64
+    c = torch.randn(B, D, device="cuda")
+
+    def f(z):
+        return 0.5 * torch.tanh(z) + c
+
+    static_z0 = torch.zeros(B, D, device="cuda")
+
+    def run():
+        return anderson_fused(f, static_z0, max_iter=8, tol=1e-6, backend="triton", fixed_iters=True)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # compiles the kernels outside the capture
+            run()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z_static, st_static = run()
+    for scale in (0.0, 1.0):
+        static_z0.copy_(torch.randn(B, D, device="cuda") * scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        z_eager, st_eager = run()
+        torch.testing.assert_close(z_static, z_eager, rtol=1e-6, atol=1e-6)
+        assert torch.equal(st_static.nstep, st_eager.nstep)
+        zr, sr = anderson_reference(f, static_z0, max_iter=8, tol=1e-6)
+        assert ((z_static - zr).norm() / zr.norm()).item() < 1e-5
