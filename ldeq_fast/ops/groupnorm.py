@@ -1,0 +1,216 @@
+"""Fused LeakyReLU -> GroupNorm: ``group_norm(leaky_relu(x, slope), num_groups, weight, bias, eps)``.
+
+The model's ConvBlock normalises *after* the activation; fusing the two reads x once for the statistics
+and once for the output, and the backward recomputes the activation from x instead of keeping it.
+
+Backends: 'cpp' (csrc/cpu/groupnorm.cpp, torch.ops.ldeq_fast.leaky_relu_group_norm_cpu and its
+backward), 'triton' (kernels/groupnorm.py; GPU, or CPU under TRITON_INTERPRET=1) and 'torch' (the
+reference below).  The fused backends run through the custom ops ``ldeq_fast::leaky_relu_group_norm``
+and ``ldeq_fast::leaky_relu_group_norm_backward`` (fake impls and autograd registered), so eager,
+autograd and torch.compile all take the same path.
+
+Layouts: NCHW-contiguous and channels_last inputs are used as they are and the output has the input's
+memory format; any other strides are made contiguous first.  Statistics are float32 (float64 for
+float64 input); float32, float64, bfloat16 and float16 inputs are supported.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pathlib
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from ldeq_fast import _ext
+from ldeq_fast.ops import pick_backend
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_OP = "leaky_relu_group_norm"
+
+
+def load_triton_kernels(name: str):
+    """The Triton kernel module ``ldeq_fast.kernels.<name>``.  In a source checkout that was not
+    installed, ``kernels/`` (mapped onto ``ldeq_fast.kernels`` by setup.py) is loaded from beside the
+    package under the same module name."""
+    full = f"ldeq_fast.kernels.{name}"
+    if full in sys.modules:
+        return sys.modules[full]
+    try:
+        return importlib.import_module(full)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("ldeq_fast.kernels", full):
+            raise
+    path = pathlib.Path(__file__).resolve().parents[2] / "kernels" / f"{name}.py"
+    if not path.is_file():
+        raise ModuleNotFoundError(f"Triton kernels {full!r} are not installed and {path} does not exist")
+    spec = importlib.util.spec_from_file_location(full, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[full] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpp_ops_present(*names: str) -> bool:
+    """True when ldeq_fast._C is loaded and registers every op in ``names``; warns (once) when the
+    extension is loaded but predates them (rebuild it)."""
+    if not _ext.has_cpp():
+        return False
+    missing = [n for n in names if not hasattr(torch.ops.ldeq_fast, n)]
+    if missing:
+        _ext.warn_once(f"stale-{missing[0]}", f"ldeq_fast._C lacks {missing} (built from older sources); "
+                       "rebuild it: `python setup.py build_ext --inplace`.  Using the other backends.")
+    return not missing
+
+
+_CPP_OPS = ("leaky_relu_group_norm_cpu", "leaky_relu_group_norm_backward_cpu")
+SUPPORTS = ("triton", "cpp") if cpp_ops_present(*_CPP_OPS) else ("triton",)
+
+
+def direct_call_ok(*tensors: torch.Tensor) -> bool:
+    """True when no autograd graph is recorded and nothing is being traced: the public functions then
+    call the kernels directly, skipping the custom-op and autograd layers (tens of microseconds per call,
+    which matter in the no-grad fixed-point iterations)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-group mean / rstd for an input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def leaky_relu_group_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                              num_groups: int, eps: float = 1e-5, slope: float = 0.01) -> torch.Tensor:
+    """The eager PyTorch composition (the oracle of the tests)."""
+    return F.group_norm(F.leaky_relu(x, slope), num_groups, weight, bias, eps)
+
+
+def _check(x, weight, bias, num_groups, eps) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_OP}: x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"{_OP}: x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{_OP}: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"{_OP}: num_groups must be a positive int, got {num_groups!r}")
+    C = x.shape[1]
+    if C % num_groups:
+        raise ValueError(f"{_OP}: num_groups={num_groups} does not divide the channel count C={C}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{_OP}: {name} must be a tensor or None, got {type(p).__name__}")
+        if tuple(p.shape) != (C,):
+            raise ValueError(f"{_OP}: {name} must have shape ({C},) for C={C}, got {tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise TypeError(f"{_OP}: {name} must be floating point, got {p.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"{_OP}: {name} is on {p.device} but x is on {x.device}")
+    if not eps >= 0.0:
+        raise ValueError(f"{_OP}: eps must be >= 0, got {eps}")
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------
+# custom ops (backend-generic: the backend name is an argument, resolved before the call)
+
+@torch.library.custom_op("ldeq_fast::leaky_relu_group_norm", mutates_args=())
+def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, slope: float,
+           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpp":
+        return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, weight, bias, num_groups, eps, slope)
+    if backend == "triton":
+        return load_triton_kernels("groupnorm").leaky_relu_group_norm_fwd(x, weight, bias, num_groups, eps, slope)
+    raise ValueError(f"{_OP}: no fused kernel for backend {backend!r}")
+
+
+@_fused.register_fake
+def _(x, weight, bias, num_groups, eps, slope, backend):
+    acc = stats_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(x.shape[0], num_groups, dtype=acc), \
+        x.new_empty(x.shape[0], num_groups, dtype=acc)
+
+
+@torch.library.custom_op("ldeq_fast::leaky_relu_group_norm_backward", mutates_args=())
+def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor, num_groups: int, slope: float,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cpp":
+        return torch.ops.ldeq_fast.leaky_relu_group_norm_backward_cpu(grad_out, x, weight, mean, rstd, num_groups,
+                                                                      slope)
+    if backend == "triton":
+        return load_triton_kernels("groupnorm").leaky_relu_group_norm_bwd(grad_out, x, weight, mean, rstd,
+                                                                          num_groups, slope)
+    raise ValueError(f"{_OP}: no fused kernel for backend {backend!r}")
+
+
+@_fused_backward.register_fake
+def _(grad_out, x, weight, mean, rstd, num_groups, slope, backend):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _bias, num_groups, _eps, slope, backend = inputs
+    _out, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.num_groups, ctx.slope, ctx.backend = num_groups, slope, backend
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _fused_backward(grad_out, x, weight, mean, rstd, ctx.num_groups, ctx.slope, ctx.backend)
+    return dx, dw, db, None, None, None, None
+
+
+_fused.register_autograd(_backward, setup_context=_setup_context)
+
+if "cpp" in SUPPORTS:
+    @torch.library.register_fake("ldeq_fast::leaky_relu_group_norm_cpu")
+    def _(x, weight, bias, num_groups, eps, slope):
+        acc = stats_dtype(x.dtype)
+        return torch.empty_like(x), x.new_empty(x.shape[0], num_groups, dtype=acc), \
+            x.new_empty(x.shape[0], num_groups, dtype=acc)
+
+    @torch.library.register_fake("ldeq_fast::leaky_relu_group_norm_backward_cpu")
+    def _(grad_out, x, weight, mean, rstd, num_groups, slope):
+        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+# --------------------------------------------------------------------------------------------------------
+# public API
+
+def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                          num_groups: int, eps: float = 1e-5, slope: float = 0.01, *,
+                          backend: str | None = None) -> torch.Tensor:
+    """``F.group_norm(F.leaky_relu(x, slope), num_groups, weight, bias, eps)`` in one fused op.
+
+    x: (N, C, H, W) float32 / float64 / bfloat16 / float16, NCHW-contiguous or channels_last (the output
+    keeps the memory format).  weight, bias: (C,) or None (then 1 / 0).  Differentiable in x, weight and
+    bias.  ``backend`` ('auto' | 'torch' | 'triton' | 'cpp'; default: env LDEQ_FAST_BACKEND, else auto)
+    picks the kernel via ``pick_backend``.
+    """
+    if isinstance(x, torch.Tensor) and x.dim() >= 2:
+        C = x.shape[1]
+        if weight is None:
+            weight = torch.ones(C, device=x.device, dtype=stats_dtype(x.dtype))
+        if bias is None:
+            bias = torch.zeros(C, device=x.device, dtype=stats_dtype(x.dtype))
+    _check(x, weight, bias, num_groups, eps)
+    chosen = pick_backend(x, backend, SUPPORTS)
+    if chosen == "torch":
+        return leaky_relu_group_norm_ref(x, weight, bias, num_groups, eps, slope)
+    args = (_dense(x), weight, bias, int(num_groups), float(eps), float(slope))
+    if direct_call_ok(x, weight, bias):
+        if chosen == "cpp":
+            return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(*args)[0]
+        return load_triton_kernels("groupnorm").leaky_relu_group_norm_fwd(*args)[0]
+    return _fused(*args, chosen)[0]

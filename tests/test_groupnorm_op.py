@@ -1,0 +1,272 @@
+"""Fused LeakyReLU -> GroupNorm (ldeq_fast.ops.groupnorm): every backend against the float64 eager
+composition, values and gradients, both memory formats, odd shapes and group counts."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldeq_fast.ops import groupnorm as gn
+from ldeq_fast.ops import triton_available
+
+needs_cpp = pytest.mark.skipif("cpp" not in gn.SUPPORTS,
+                               reason="ldeq_fast._C is not built (or predates the group-norm kernels)")
+
+# (N, C, H, W, groups): minimal (F.group_norm refuses N * H * W == 1), odd, G = 1 / 2 / C, and sizes that split one group / one row / one
+# channels_last image over several parallel tasks.
+SHAPES = [
+    (2, 1, 1, 1, 1), (2, 3, 1, 1, 3), (1, 7, 3, 3, 1), (1, 7, 3, 3, 7), (3, 6, 17, 17, 2), (3, 6, 17, 17, 6),
+    (2, 4, 5, 3, 4), (1, 1, 17, 17, 1), (2, 224, 4, 4, 1), (1, 32, 37, 29, 1), (1, 2, 131, 131, 2),
+]
+
+
+def _inputs(shape, dtype, channels_last, seed=0):
+    N, C, H, W, G = shape
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(N, C, H, W, generator=g, dtype=torch.float64) * 1.5 + 0.3).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(C, generator=g, dtype=torch.float64).to(dtype if dtype != torch.bfloat16 else torch.float32)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(w.dtype)
+    grad = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    return x, w, b, G, grad
+
+
+def _on(device, *items):
+    return [t.to(device) if isinstance(t, torch.Tensor) else t for t in items]
+
+
+def _run(fn, x, w, b, G, grad, **kw):
+    x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    out = fn(x, w, b, G, **kw)
+    out.backward(grad.to(out.dtype))
+    return out, x.grad, w.grad, b.grad
+
+
+def _truth(x, w, b, G, grad):
+    """float64 eager reference on the same (rounded) inputs."""
+    return _run(gn.leaky_relu_group_norm_ref, x.double(), w.double(), b.double(), G, grad)
+
+
+def _assert_close(actual, expected, tol, what, scale=1.0):
+    expected = expected.double()
+    err = (actual.double() - expected).abs().max().item()
+    scale = max(scale, expected.abs().max().item())
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} * {scale:.3g}"
+
+
+def _dx_scale(x, w, G, grad, eps=1e-5):
+    """Size of the terms that cancel in dx = rstd * (g*w - mean(g*w) - yhat * mean(g*w*yhat)): rounding
+    errors scale with it (a one-element group has rstd = 1/sqrt(eps) ~ 316 and dx = 0 exactly)."""
+    y = F.leaky_relu(x.double(), 0.01).reshape(x.shape[0], G, -1)
+    rstd = (y.var(-1, unbiased=False) + eps).rsqrt().max().item()
+    return max(1.0, rstd * w.double().abs().max().item() * grad.abs().max().item())
+
+
+def _check_all(got, want, tol, x, w, G, grad):
+    for a, e, name in zip(got, want, ("out", "dx", "dweight", "dbias")):
+        _assert_close(a, e, tol, name, _dx_scale(x, w, G, grad) if name == "dx" else 1.0)
+
+
+@pytest.fixture
+def nan_empty():
+    """Uninitialised tensors (torch.empty / at::empty, also inside the C++ kernels) come back NaN-filled,
+    so any output element a kernel forgets to write fails the comparison."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    assert torch.empty(4).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cpp_matches_reference(shape, channels_last, dtype, nan_empty):
+    x, w, b, G, grad = _inputs(shape, dtype, channels_last)
+    got = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="cpp")
+    want = _truth(x, w, b, G, grad)
+    _check_all(got, want, 1e-5 if dtype == torch.float32 else 1e-10, x, w, G, grad)
+    out, dx = got[0], got[1]
+    with torch.no_grad():  # direct kernel call, no custom-op / autograd layers
+        assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="cpp"), out)
+    assert out.dtype == dtype and dx.dtype == dtype
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt) and dx.is_contiguous(memory_format=fmt)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_cpp_half_inputs_fp32_stats(dtype, channels_last, nan_empty):
+    x, w, b, G, grad = _inputs((2, 6, 9, 7, 3), dtype, channels_last)
+    got = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="cpp")
+    want = _truth(x, w, b, G, grad)
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == w.dtype
+    _check_all(got, want, 2e-2, x, w, G, grad)  # output rounding of an 8/11-bit mantissa; statistics are fp32
+
+
+@needs_cpp
+def test_cpp_result_independent_of_thread_count():
+    x, w, b, G, grad = _inputs((1, 32, 37, 29, 1), torch.float32, False)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="cpp")
+        torch.set_num_threads(2)
+        two = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="cpp")
+    finally:
+        torch.set_num_threads(prev)
+    for a, c in zip(one, two):
+        assert torch.equal(a, c)
+
+
+@needs_cpp
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_cpp_gradcheck_fp64(channels_last):
+    x, w, b, G, _ = _inputs((2, 4, 3, 3, 2), torch.float64, channels_last)
+    x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w, b: gn.leaky_relu_group_norm(x, w, b, G, backend="cpp"), (x, w, b))
+
+
+@needs_cpp
+def test_optional_affine_and_strided_input():
+    x = torch.randn(2, 8, 6, 10, dtype=torch.float64)[:, :, :, ::2]  # neither contiguous nor channels_last
+    out = gn.leaky_relu_group_norm(x, None, None, 4, eps=1e-3, slope=0.2, backend="cpp")
+    torch.testing.assert_close(out, gn.leaky_relu_group_norm_ref(x, None, None, 4, eps=1e-3, slope=0.2))
+
+
+def test_torch_backend_is_the_reference():
+    x, w, b, G, _ = _inputs((2, 6, 5, 5, 3), torch.float32, False)
+    assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="torch"), F.group_norm(F.leaky_relu(x, 0.01), G, w, b))
+
+
+# Triton reads TRITON_INTERPRET when triton itself is imported, so on CPU the Triton tests of both cell-op
+# files (this one and test_heatmap_op.py) run in one child pytest started with it set
+# (test_cellops_triton_in_interpreter); with a GPU they run in-process on CUDA tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+TRITON_TEST_FILES = ("test_groupnorm_op.py", "test_heatmap_op.py")
+
+
+@pytest.mark.skipif(INTERPRETED or not triton_available(), reason="this is the child run, or triton is missing")
+def test_cellops_triton_in_interpreter():
+    """The tests named *triton* of the cell-op files, on CPU tensors in a TRITON_INTERPRET=1 child process."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", LDEQ_FAST_TEST_THREADS="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
+           *(os.path.join(here, name) for name in TRITON_TEST_FILES)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0 and " passed" in proc.stdout, f"Triton interpreter run failed:\n{tail}"
+
+
+@pytest.fixture
+def triton_kernels():
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    if TRITON_DEVICE == "cpu" and not INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child process (test_cellops_triton_in_interpreter) or on a GPU")
+    return gn.load_triton_kernels("groupnorm")
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 1, 1), (1, 7, 3, 3, 7), (2, 6, 5, 3, 2), (1, 5, 17, 17, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_triton_matches_reference(shape, channels_last, dtype, triton_kernels, nan_empty):
+    x, w, b, G, grad = _on(TRITON_DEVICE, *_inputs(shape, dtype, channels_last))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    want = _truth(x, w, b, G, grad)
+    # kernels writing into NaN-filled buffers: every element must be written
+    out = torch.full_like(x, float("nan"))
+    out, mean, rstd = triton_kernels.leaky_relu_group_norm_fwd(x, w, b, G, 1e-5, 0.01, out=out)
+    dx = torch.full_like(x, float("nan"))
+    dx, dw, db = triton_kernels.leaky_relu_group_norm_bwd(grad.to(dtype), x, w, mean, rstd, G, 0.01, dx=dx)
+    _check_all((out, dx, dw, db), want, tol, x, w, G, grad)
+    # and through the public op, with autograd and without
+    got = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="triton")
+    _check_all(got, want, tol, x, w, G, grad)
+    with torch.no_grad():
+        assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="triton"), got[0])
+
+
+def test_triton_bf16(triton_kernels):
+    x, w, b, G, grad = _on(TRITON_DEVICE, *_inputs((2, 4, 5, 5, 2), torch.bfloat16, True))
+    got = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="triton")
+    assert got[0].dtype == torch.bfloat16
+    _check_all(got, _truth(x, w, b, G, grad), 2e-2, x, w, G, grad)
+
+
+def test_opcheck_triton(triton_kernels):
+    # the registration (fake, autograd) is shared with the cpp backend and fully checked there; here the
+    # Triton kernels are checked for schema conformance (no mutation/aliasing) and fake-tensor agreement
+    utils = ("test_schema", "test_faketensor")
+    x, w, b, G, grad = _on(TRITON_DEVICE, *_inputs((1, 4, 3, 3, 2), torch.float32, True))
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, "triton"), test_utils=utils)
+    _, mean, rstd = triton_kernels.leaky_relu_group_norm_fwd(x, w, b, G, 1e-5, 0.01)
+    torch.library.opcheck(gn._fused_backward, (grad.float(), x, w, mean, rstd, G, 0.01, "triton"), test_utils=utils)
+
+
+@needs_cpp
+def test_opcheck_cpp():
+    x, w, b, G, grad = _inputs((2, 4, 3, 5, 2), torch.float32, False)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, "cpp"))
+    _, mean, rstd = torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, w, b, G, 1e-5, 0.01)
+    torch.library.opcheck(gn._fused_backward, (grad.float(), x, w, mean, rstd, G, 0.01, "cpp"))
+    xc = x.to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.ldeq_fast.leaky_relu_group_norm_cpu.default, (xc, w, b, G, 1e-5, 0.01))
+    torch.library.opcheck(torch.ops.ldeq_fast.leaky_relu_group_norm_backward_cpu.default,
+                          (grad.float(), x, w, mean, rstd, G, 0.01))
+
+
+@needs_cpp
+def test_torch_compile_cpu():
+    x, w, b, G, grad = _inputs((2, 6, 5, 5, 3), torch.float32, True)
+
+    def f(x, w, b):
+        return (gn.leaky_relu_group_norm(x, w, b, G, backend="cpp") * 2.0).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    args_c = [t.clone().requires_grad_() for t in (x, w, b)]
+    args_e = [t.clone().requires_grad_() for t in (x, w, b)]
+    compiled(*args_c).backward()
+    f(*args_e).backward()
+    for a, e in zip(args_c, args_e):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_bad_inputs_raise_clear_errors(backend):
+    x = torch.randn(2, 6, 4, 4)
+    w, b = torch.ones(6), torch.zeros(6)
+    with pytest.raises(ValueError, match="does not divide"):
+        gn.leaky_relu_group_norm(x, w, b, 4, backend=backend)
+    with pytest.raises(ValueError, match=r"weight must have shape \(6,\)"):
+        gn.leaky_relu_group_norm(x, torch.ones(5), b, 2, backend=backend)
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+        gn.leaky_relu_group_norm(x, w, torch.zeros(6, 1), 2, backend=backend)
+    with pytest.raises(TypeError, match="must be float32, float64, bfloat16 or float16"):
+        gn.leaky_relu_group_norm(x.to(torch.int32), w, b, 2, backend=backend)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        gn.leaky_relu_group_norm(x[0], w, b, 2, backend=backend)
+    with pytest.raises(ValueError, match="positive int"):
+        gn.leaky_relu_group_norm(x, w, b, 0, backend=backend)
+    with pytest.raises(TypeError, match="weight must be floating point"):
+        gn.leaky_relu_group_norm(x, torch.ones(6, dtype=torch.int64), b, 2, backend=backend)
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        gn.leaky_relu_group_norm(x, w, b, 2, eps=-1.0, backend=backend)
+
+
+@needs_cpp
+def test_cpp_kernel_checks_its_arguments():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(RuntimeError, match="must be >= 1 and divide"):
+        torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, torch.ones(6), torch.zeros(6), 4, 1e-5, 0.01)
+    with pytest.raises(RuntimeError, match="contiguous or channels_last"):
+        torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x[:, :, :, ::2], torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01)
