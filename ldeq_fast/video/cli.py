@@ -39,6 +39,7 @@ def add_video_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=1.0, help="RwR prox pull toward the previous fixed point")
     p.add_argument("--out", default="video_out", help="folder for the table JSON, trajectory plot and GIF")
     p.add_argument("--backend", default=None, help="solver backend (auto|torch|cpp|triton|cuda)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the throughput comparison")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -49,8 +50,8 @@ def cmd_video(a) -> int:
         evaluate_video_methods,
         format_rows,
         plot_trajectory,
-        still_batches_fps,
         synthetic_clips,
+        throughput_comparison,
         wflw_v_clips,
     )
 
@@ -81,17 +82,18 @@ def cmd_video(a) -> int:
         raise SystemExit("no usable videos")
     rows, preds = evaluate_video_methods(model, clips, val, slots=a.slots, warm_iters=a.warm_iters,
                                          prox_gamma=a.gamma, progress=prog)
-    still = still_batches_fps(model, clips, batch=a.slots)
+    speed = throughput_comparison(model, clips[: max(1, min(len(clips), a.slots))], a.slots, a.repeats)
     if bar is not None:
         bar.close()
-    per_frame = next(r for r in rows if r["method"] == "per_frame")
     print(format_rows(rows))
-    print(f"still-image batches of {a.slots}: {still:.1f} frames/s; multi-stream per-frame: "
-          f"{per_frame['frames_per_s']:.1f} frames/s ({per_frame['frames_per_s'] / still:.2f}x)")
+    sp = speed["median_fps"]
+    print(f"throughput (interleaved, median of {a.repeats}): still-image batches of {a.slots} "
+          f"{sp['still_batches']:.1f} frames/s; multi-stream per-frame {sp['streams_per_frame']:.1f} frames/s "
+          f"({sp['ratio_streams_vs_still']:.2f}x); multi-stream RwR warm {sp['streams_rwr_warm']:.1f} frames/s")
     for vid, why in skipped:
         print(f"skipped {vid}: {why}")
     res = {"machine": machine_info(), "model": a.model, "videos": [c.name for c in clips], "rows": rows,
-           "still_batches_fps": still, "skipped": skipped, "args": vars(a) | {"fn": None}}
+           "throughput": speed, "skipped": skipped, "args": vars(a) | {"fn": None}}
     (out / "video_results.json").write_text(json.dumps(res, indent=1, default=str))
     plot_trajectory(preds, clips[0], out / "trajectory.png")
     if clips[0].frames is not None:

@@ -89,6 +89,25 @@ def still_batches_fps(model, clips, batch=8) -> float:
     return len(frames) / (time.perf_counter() - t0)
 
 
+def throughput_comparison(model, clips, slots=8, repeats=3) -> dict:
+    """Frames/s of multi-stream per-frame tracking vs the same frames as still-image batches, and of RwR
+    warm tracking; the three are interleaved and repeated (medians), so load drift hits all alike."""
+    import statistics
+
+    runs = {"streams_per_frame": [], "still_batches": [], "streams_rwr_warm": []}
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, run = track(model, clips, TrackerConfig(mode="per_frame"), slots)
+        runs["streams_per_frame"].append(run["frames"] / (time.perf_counter() - t0))
+        runs["still_batches"].append(still_batches_fps(model, clips, slots))
+        t0 = time.perf_counter()
+        _, run = track(model, clips, TrackerConfig(mode="warm"), slots)
+        runs["streams_rwr_warm"].append(run["frames"] / (time.perf_counter() - t0))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    med["ratio_streams_vs_still"] = med["streams_per_frame"] / med["still_batches"]
+    return {"median_fps": med, "runs": runs}
+
+
 def evaluate_video_methods(model, clips, val_clips, slots=8, warm_iters=1, prox_gamma=1.0, progress=None,
                            filters=tuple(FILTERS)):
     """The comparison table: one row per method with NME, NMF, cell evaluations per frame, frames/s."""
