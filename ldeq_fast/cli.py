@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="time the default model on random images on every available path")
     b.add_argument("--batch", type=_ints, default=None, help="comma-separated batch sizes (CPU default 1,8; GPU 32,1)")
-    b.add_argument("--repeats", type=int, default=3, help="timed runs per path and batch (median reported)")
+    b.add_argument("--repeats", type=int, default=2, help="timed runs per path and batch (median reported)")
     b.add_argument("--max-iters", type=int, default=None, help="solver iterations (default: the config's 10)")
     b.add_argument("--small", action="store_true", help="a narrow 128x128 model instead of the published size")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
