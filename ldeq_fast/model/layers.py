@@ -10,7 +10,13 @@ LEAKY_SLOPE = 0.01
 
 
 class ConvBlock(nn.Module):
-    """conv (bias, same padding) -> LeakyReLU(0.01) -> norm.  The norm comes *after* the activation."""
+    """conv (bias, same padding) -> LeakyReLU(0.01) -> norm.  The norm comes *after* the activation.
+
+    ``epilogue_backend``: 'torch' runs the eager ops; any other backend runs LeakyReLU -> GroupNorm as one
+    fused op (ldeq_fast/ops/groupnorm.py).  LDEQ sets it from its config (the model's fast-path switch).
+    """
+
+    epilogue_backend = "torch"
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, norm: str = "bn",
                  gn_groups: int = 1, act: bool = True):
@@ -28,6 +34,12 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
+        if self.act and isinstance(self.norm, nn.GroupNorm) and self.epilogue_backend != "torch":
+            from ldeq_fast.ops.groupnorm import leaky_relu_group_norm
+
+            n = self.norm
+            return leaky_relu_group_norm(out, n.weight, n.bias, n.num_groups, n.eps, LEAKY_SLOPE,
+                                         backend=self.epilogue_backend)
         if self.act:
             out = F.leaky_relu(out, LEAKY_SLOPE)
         if self.norm is not None:
@@ -88,6 +100,8 @@ def linear_normalize(h: torch.Tensor) -> torch.Tensor:
 class HeatmapNorm(nn.Module):
     """The cell's last op: maps head features to heatmaps in [0, 1]."""
 
+    epilogue_backend = "torch"   # as ConvBlock: anything but 'torch' uses the fused softargmax op
+
     def __init__(self, channels: int, mode: str = "softargmax", beta: float = 1.0, learn_beta: bool = False):
         super().__init__()
         self.mode = mode
@@ -106,6 +120,10 @@ class HeatmapNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.mode == "softargmax":
+            if self.epilogue_backend != "torch":
+                from ldeq_fast.ops.heatmap import softargmax_heatmaps
+
+                return softargmax_heatmaps(h, self.effective_beta(), backend=self.epilogue_backend)
             return softargmax_normalize(h, self.effective_beta())
         if self.mode == "linear":
             return linear_normalize(h)

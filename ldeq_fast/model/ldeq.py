@@ -10,7 +10,14 @@ from torch import nn
 
 from ldeq_fast.config import LDEQConfig
 from ldeq_fast.deq import BackwardLog, SolverSettings, deq_fixed_point
-from ldeq_fast.model.layers import Cell, Stem, heatmaps_to_keypoints, softargmax_normalize
+from ldeq_fast.model.layers import (
+    Cell,
+    ConvBlock,
+    HeatmapNorm,
+    Stem,
+    heatmaps_to_keypoints,
+    softargmax_normalize,
+)
 
 
 @dataclass
@@ -101,14 +108,25 @@ class LDEQ(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def cell_fn(self, injection: torch.Tensor):
+        self._set_epilogue_backend()
         cell = self.deq_layer.cell
         # the solver state keeps its dtype (fp32) even when the cell runs under bf16 autocast
         return lambda z: cell(z, injection).to(z.dtype)
+
+    def _set_epilogue_backend(self) -> None:
+        """The fast-path switch: cfg.backend 'torch' = eager cell ops, otherwise fused cell epilogues."""
+        b = self.cfg.backend
+        if getattr(self, "_epilogue_backend", None) != b:
+            for mod in self.deq_layer.cell.modules():
+                if isinstance(mod, (ConvBlock, HeatmapNorm)):
+                    mod.epilogue_backend = b
+            self._epilogue_backend = b
 
     def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                 max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
         c = self.cfg
         self._check_inputs(images, z0)
+        self._set_epilogue_backend()
         mode = mode or c.model_mode
         x = self.tail(images)
         z0 = self.zeros_z0(images) if z0 is None else z0.to(x.dtype)
