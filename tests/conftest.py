@@ -17,6 +17,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: on a shared 2-core machine OpenMP spin-waits make each small op ~10x slower with two
+    threads.  Tests that compare thread counts set their own."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def small_cfg():
     from ldeq_fast import LDEQConfig
 

@@ -17,14 +17,7 @@ from ldeq_fast.solvers.reference import anderson_weights_reference
 needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason=f"C++ extension not built: {_ext.missing_reason()}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on the shared 2-core machine OpenMP spin-waits make each small op ~10x slower with
-    two threads.  (test_cpp_results_do_not_depend_on_thread_count sets its own thread counts.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Triton picks interpreter or GPU compilation when its own library is imported, so the CPU runs of the
 # Triton kernels happen in a child pytest started with TRITON_INTERPRET=1 (test_triton_suite_in_interpreter).

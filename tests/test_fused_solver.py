@@ -17,14 +17,7 @@ from ldeq_fast.solvers.reference import anderson_reference, fixed_point_referenc
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: on the shared 2-core machine OpenMP spin-waits make each small op ~10x slower with
-    two threads.  (test_cpp_results_do_not_depend_on_thread_count sets its own thread counts.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def contractive(B, D, dtype, scale=0.9, seed=0, device="cpu"):
