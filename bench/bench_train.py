@@ -1,8 +1,9 @@
 """Training-step benchmark: peak memory and time per sample, our fast path vs the published training
 semantics (eager published Anderson forward + hook-based IFT backward with the same solver on VJPs).
 
-Each (path, batch) measurement runs in a fresh subprocess so the process's peak RSS is that step's peak
-(CPU) — on CUDA, torch.cuda.max_memory_allocated.  Paths are interleaved over repeats; medians reported.
+Each measurement runs in a fresh subprocess: a warm-up step, a timed step, then a step whose peak memory
+is taken (torch.cuda.max_memory_allocated on CUDA, peak live tensor bytes on CPU).  Paths are interleaved
+over repeats; medians reported.
 
     python bench/bench_train.py --batch 2,4 --repeats 3 --json bench/results/train_cpu.json
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -20,11 +19,6 @@ import time
 import torch
 
 PATHS = ("fast", "published")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
 def published_training_step(model, images, kpts, opt):
@@ -74,6 +68,7 @@ def fast_training_step(model, images, kpts, opt):
 
 def child(path: str, batch: int, small: bool, device: str, max_iters: int) -> dict:
     from ldeq_fast import LDEQ, LDEQConfig
+    from ldeq_fast.memory import peak_memory_bytes
 
     torch.manual_seed(0)
     cfg = (LDEQConfig.small() if small else LDEQConfig()).replace(max_iters=max_iters, grad_mode="ift")
@@ -84,19 +79,33 @@ def child(path: str, batch: int, small: bool, device: str, max_iters: int) -> di
     kpts = torch.rand(batch, cfg.n_keypoints, 2, device=device)
     step = fast_training_step if path == "fast" else published_training_step
     step(model, images, kpts, opt)                  # warm-up: allocator, oneDNN primitives, optimizer state
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = _rss_mb()
+    _sync(device)
     t0 = time.perf_counter()
     iters = step(model, images, kpts, opt)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    # peak memory in a third, untimed step (CPU: peak live tensor bytes; process RSS would mix in the
+    # C library's retained heap)
+    peak = peak_memory_bytes(lambda: step(model, images, kpts, opt), device)
+    return {"path": path, "batch": batch, "seconds": seconds, "peak_mb": peak / 2 ** 20, "fwd_iters": iters}
+
+
+def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"path": path, "batch": batch, "seconds": time.perf_counter() - t0, "peak_mb": peak,
-            "fwd_iters": iters}
+
+
+def _memory_fit(rows, path: str, budget_mb: float) -> dict | None:
+    """Straight line peak = fixed + per_sample * batch through the smallest and largest measured batch: the
+    marginal memory per sample, and the largest batch whose peak fits ``budget_mb`` (an extrapolation)."""
+    pts = sorted((r["batch"], r["peak_mb_per_sample"] * r["batch"]) for r in rows if r["path"] == path)
+    if len(pts) < 2:
+        return None
+    (b0, m0), (b1, m1) = pts[0], pts[-1]
+    slope = (m1 - m0) / (b1 - b0)
+    fixed = m0 - slope * b0
+    return {"fixed_mb": fixed, "marginal_mb_per_sample": slope,
+            "max_batch_in_budget": max(0, int((budget_mb - fixed) // slope)) if slope > 0 else None}
 
 
 def main(argv=None) -> int:
@@ -106,6 +115,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-iters", type=int, default=10)
     p.add_argument("--small", action="store_true", help="narrow 128x128 model (smoke runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest-batch column")
     p.add_argument("--json", default=None)
     p.add_argument("--child", nargs=2, metavar=("PATH", "BATCH"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -121,31 +131,40 @@ def main(argv=None) -> int:
             for path in PATHS:           # interleaved
                 cmd = [sys.executable, __file__, "--child", path, str(b), "--device", a.device,
                        "--max-iters", str(a.max_iters)] + (["--small"] if a.small else [])
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{path} batch {b} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
-                runs.setdefault((path, b), []).append(r)
+                slot = runs.setdefault((path, b), {"seconds": [], "peak_mb": [], "fwd_iters": r["fwd_iters"]})
+                slot["seconds"].append(r["seconds"])
+                slot["peak_mb"].append(r["peak_mb"])
                 print(f"rep {rep} {path:>9} batch {b}: {r['seconds']:.2f} s, peak {r['peak_mb']:.0f} MB",
                       file=sys.stderr)
     rows = []
     for (path, b), rs in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        sec = statistics.median(r["seconds"] for r in rs)
-        mem = statistics.median(r["peak_mb"] for r in rs)
-        rows.append({"path": path, "batch": b, "s_per_sample": sec / b, "peak_mb_per_sample": mem / b,
-                     "seconds": [r["seconds"] for r in rs], "peak_mb": [r["peak_mb"] for r in rs],
-                     "fwd_iters": rs[0]["fwd_iters"]})
+        rows.append({"path": path, "batch": b, "s_per_sample": statistics.median(rs["seconds"]) / b,
+                     "peak_mb_per_sample": statistics.median(rs["peak_mb"]) / b, **rs})
     for b in batches:
         f = next(r for r in rows if r["path"] == "fast" and r["batch"] == b)
         ref = next(r for r in rows if r["path"] == "published" and r["batch"] == b)
         f["time_ratio_vs_published"] = f["s_per_sample"] / ref["s_per_sample"]
         f["memory_ratio_vs_published"] = f["peak_mb_per_sample"] / ref["peak_mb_per_sample"]
+    budget_mb = a.budget_gb * 1024
+    fits = {path: _memory_fit(rows, path, budget_mb) for path in PATHS}
     res = {"machine": machine_info(), "device": a.device, "small": a.small, "max_iters": a.max_iters,
-           "repeats": a.repeats, "rows": rows}
+           "repeats": a.repeats, "peak_memory": "torch.cuda.max_memory_allocated above the step's start"
+           if a.device.startswith("cuda") else "peak live tensor bytes of the step (ldeq_fast.memory)",
+           "budget_gb": a.budget_gb, "memory_fit": fits, "rows": rows}
     print(f"{'path':>10} {'batch':>5} {'s/sample':>9} {'MB/sample':>10} {'time ratio':>10} {'mem ratio':>9}")
     for r in rows:
         tr = r.get("time_ratio_vs_published")
         mr = r.get("memory_ratio_vs_published")
         print(f"{r['path']:>10} {r['batch']:>5} {r['s_per_sample']:>9.3f} {r['peak_mb_per_sample']:>10.1f} "
               f"{'' if tr is None else f'{tr:.2f}':>10} {'' if mr is None else f'{mr:.2f}':>9}")
+    for path, fit in fits.items():
+        if fit:
+            print(f"{path:>10}: peak = {fit['fixed_mb']:.0f} MB + {fit['marginal_mb_per_sample']:.1f} MB x batch; "
+                  f"largest batch in {a.budget_gb:g} GB: {fit['max_batch_in_budget']}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=1)

@@ -53,6 +53,7 @@ class LDEQConfig:
     phantom_damping: float = 0.8
     backward_max_iters: int = 0           # 0: same as max_iters
     backend: str = "auto"                 # auto | torch | triton | cpp | cuda
+    train_recompute: bool = True          # fast path, training: recompute stem + norm epilogues in backward
     extra: dict = field(default_factory=dict, repr=False)  # free-form notes (kept in checkpoints)
 
     def __post_init__(self):

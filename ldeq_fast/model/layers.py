@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldeq_fast.model.recompute import remember, remember_sum
+
 LEAKY_SLOPE = 0.01
 
 
@@ -33,18 +35,33 @@ class ConvBlock(nn.Module):
             raise ValueError(f"unknown norm {norm!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
+        return self.epilogue(self.conv(x))
+
+    def epilogue(self, out: torch.Tensor) -> torch.Tensor:
+        """LeakyReLU -> norm of a conv output."""
         if self.act and isinstance(self.norm, nn.GroupNorm) and self.epilogue_backend != "torch":
             from ldeq_fast.ops.groupnorm import leaky_relu_group_norm
 
-            n = self.norm
-            return leaky_relu_group_norm(out, n.weight, n.bias, n.num_groups, n.eps, LEAKY_SLOPE,
-                                         backend=self.epilogue_backend)
+            n, backend = self.norm, self.epilogue_backend
+
+            def fused(y, weight, bias):
+                return leaky_relu_group_norm(y, weight, bias, n.num_groups, n.eps, LEAKY_SLOPE, backend=backend)
+
+            res = fused(out, n.weight, n.bias)
+            remember(res, fused, out, n.weight, n.bias)  # training: saved as a recipe on the conv output
+            return res
         if self.act:
             out = F.leaky_relu(out, LEAKY_SLOPE)
         if self.norm is not None:
             out = self.norm(out)
         return out
+
+    def conv_channels(self, x: torch.Tensor, start: int, stop: int, bias: bool) -> torch.Tensor:
+        """The 1x1 conv restricted to input channels [start, stop) (x holds just those channels): a conv
+        over a channel concatenation is the sum of such partial convs, one per part."""
+        if self.conv.kernel_size != (1, 1):
+            raise ValueError("conv_channels splits 1x1 convolutions only")
+        return F.conv2d(x, self.conv.weight[:, start:stop], self.conv.bias if bias else None)
 
 
 class Hourglass(nn.Module):
@@ -68,7 +85,7 @@ class Hourglass(nn.Module):
         self.downchan5, self.downchan6, self.same7 = block(w2, w1, 3), block(2 * w1, w1, 1), block(w1, w1, 5)
         self.downchan7, self.downchan8, self.same8 = block(w1, w, 3), block(2 * w, w, 1), block(w, w, 5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, split_concat: bool = False) -> torch.Tensor:
         skips = []
         out = x
         for same, upchan in ((self.same1, self.upchan1), (self.same2, self.upchan2),
@@ -81,9 +98,21 @@ class Hourglass(nn.Module):
                                    (self.downchan3, self.downchan4, self.same6),
                                    (self.downchan5, self.downchan6, self.same7),
                                    (self.downchan7, self.downchan8, self.same8)):
-            up = F.interpolate(narrow(out), scale_factor=2, mode="nearest")
-            fused = fuse(torch.cat((skips.pop(), up), 1))
-            out = same(fused) + fused
+            low, skip = narrow(out), skips.pop()
+            if split_concat:
+                # fuse's 1x1 conv over cat(skip, up2(low)) = conv(skip) + up2(conv(low)): nearest upsampling
+                # commutes with a 1x1 conv, so the second half runs at quarter resolution and no
+                # concatenation is stored for backward
+                c = skip.shape[1]
+                low_part = fuse.conv_channels(low, c, 2 * c, bias=False)
+                fused = fuse.epilogue(fuse.conv_channels(skip, 0, c, bias=True)
+                                      + F.interpolate(low_part, scale_factor=2, mode="nearest"))
+            else:
+                up = F.interpolate(low, scale_factor=2, mode="nearest")
+                fused = fuse(torch.cat((skip, up), 1))
+            same_out = same(fused)
+            out = same_out + fused
+            remember_sum(out, same_out, fused)  # training: recomputed from the two blocks' recipes
         return out
 
 
@@ -169,9 +198,21 @@ class Cell(nn.Module):
         self.features_to_heatmaps = HeatmapNorm(cfg.z_width, cfg.cell_norm, cfg.softargmax_beta,
                                                 cfg.learn_softargmax_beta)
 
-    def forward(self, z: torch.Tensor, injection: torch.Tensor) -> torch.Tensor:
-        out = self.tail(torch.cat((z, injection), 1))
-        out = self.hourglass(out)
+    def injection_term(self, injection: torch.Tensor) -> torch.Tensor:
+        """The injection's share of the tail's 1x1 conv over cat(z, injection), bias included: it is the
+        same at every solver iteration, so the fast path computes it once per solve."""
+        cin = self.tail.conv.in_channels
+        return self.tail.conv_channels(injection, cin - injection.shape[1], cin, bias=True)
+
+    def forward(self, z: torch.Tensor, injection: torch.Tensor,
+                injection_term: torch.Tensor | None = None) -> torch.Tensor:
+        """f(z, x).  With ``injection_term`` (= ``self.injection_term(injection)``) the 1x1 convs over
+        concatenations run as sums of partial convs: the same values, less work and less saved memory."""
+        if injection_term is None:
+            out = self.tail(torch.cat((z, injection), 1))
+        else:
+            out = self.tail.epilogue(self.tail.conv_channels(z, 0, z.shape[1], bias=False) + injection_term)
+        out = self.hourglass(out, split_concat=injection_term is not None)
         return self.features_to_heatmaps(self.head(out))
 
 

@@ -1,6 +1,7 @@
 """The LDEQ model: stem -> DEQ over the hourglass cell -> heatmaps -> keypoints."""
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,8 @@ from ldeq_fast.model.layers import (
     heatmaps_to_keypoints,
     softargmax_normalize,
 )
+from ldeq_fast.model.recompute import EpilogueRecompute, recompute_stem
+from ldeq_fast.ops.heatmap import heatmap_keypoints
 
 
 @dataclass
@@ -110,8 +113,12 @@ class LDEQ(nn.Module):
     def cell_fn(self, injection: torch.Tensor):
         self._set_epilogue_backend()
         cell = self.deq_layer.cell
+        # fast path: 1x1 convs over concatenations as sums of partial convs (same values, rounded differently);
+        # published semantics keep the published op order for parity runs
+        split = self.cfg.backend != "torch" and self.cfg.solver_semantics == "per_sample"
+        term = cell.injection_term(injection) if split else None
         # the solver state keeps its dtype (fp32) even when the cell runs under bf16 autocast
-        return lambda z: cell(z, injection).to(z.dtype)
+        return lambda z: cell(z, injection, term).to(z.dtype)
 
     def _set_epilogue_backend(self) -> None:
         """The fast-path switch: cfg.backend 'torch' = eager cell ops, otherwise fused cell epilogues."""
@@ -124,11 +131,24 @@ class LDEQ(nn.Module):
 
     def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                 max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
-        c = self.cfg
         self._check_inputs(images, z0)
+        return self.forward_unchecked(images, z0, mode, max_iters, solver)
+
+    def forward_unchecked(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
+                          max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
+        """``forward`` without the input checks, whose NaN test reads a value on the host: with a
+        ``fixed_iters`` solver nothing here syncs, so it can be captured (ldeq_fast/streaming.py)."""
+        c = self.cfg
         self._set_epilogue_backend()
         mode = mode or c.model_mode
-        x = self.tail(images)
+        fast = c.backend != "torch"
+        lean = fast and c.train_recompute and torch.is_grad_enabled()
+        x = recompute_stem(self.tail, images) if lean else self.tail(images)
+        with EpilogueRecompute() if lean else contextlib.nullcontext():
+            return self._solve_and_read(x, images, z0, mode, max_iters, solver, fast)
+
+    def _solve_and_read(self, x, images, z0, mode, max_iters, solver, fast) -> LDEQOutput:
+        c = self.cfg
         z0 = self.zeros_z0(images) if z0 is None else z0.to(x.dtype)
         f = self.cell_fn(x)
         stats = None
@@ -146,6 +166,6 @@ class LDEQ(nn.Module):
         else:
             raise ValueError(f"mode must be 'implicit' or 'explicit', not {mode!r}")
         heat = self.heatmaps_from_z(z)
-        kpts, spread, published = heatmaps_to_keypoints(heat)
+        kpts, spread, published = heatmap_keypoints(heat, backend=c.backend) if fast else heatmaps_to_keypoints(heat)
         return LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
                           z_star=z.detach(), heatmaps=heat, stats=stats)
