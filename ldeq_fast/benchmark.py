@@ -1,7 +1,8 @@
 """``ldeq-fast bench``: the model on random images, timed on every available path, side by side.
 
 Each path is the same LDEQ weights run a different way.  Paths are interleaved (A, B, A, B, ...) and
-each figure is the median of the repeats, so drift on a noisy machine hits every path alike.
+each figure is the median of the repeats, so drift on a noisy machine hits every path alike.  Peak memory
+(live tensor bytes of one forward; the CUDA allocator's peak on GPU) is taken in an extra, untimed run.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ldeq_fast.config import LDEQConfig
 from ldeq_fast.machine import machine_info
+from ldeq_fast.memory import peak_memory_bytes
 from ldeq_fast.model.ldeq import LDEQ
 
 
@@ -73,7 +75,7 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
     results = {"machine": machine_info(), "device": str(device), "config": cfg.to_dict(),
                "batch_sizes": list(batch_sizes), "repeats": repeats, "rows": [],
                "skipped": [{"path": p.name, "why": p.why_unavailable} for p in all_paths if not p.available]}
-    total = sum(repeats + 1 for _ in batch_sizes) * len(runnable)
+    total = sum(repeats + 2 for _ in batch_sizes) * len(runnable)
     warm_iters = 1  # warm-up: a one-iteration forward creates the kernels' per-shape state cheaply
     bar = None
     if progress:
@@ -102,11 +104,17 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
         for p in runnable:
             out = outs[p.name]
             med = statistics.median(times[p.name])
+            model.cfg = cfg.replace(**p.config)
+            with torch.no_grad():  # an extra, untimed forward: memory tracking slows every op on CPU
+                peak = peak_memory_bytes(lambda imgs=images: model(imgs), device)
+            if bar is not None:
+                bar.update(1)
             results["rows"].append({
                 "path": p.name, "description": p.description, "batch": bs,
                 "images_per_s": bs / med, "ms_per_image": 1e3 * med / bs, "times_s": times[p.name],
                 "iterations": float(out.stats.nstep.float().mean()) if out.stats is not None else None,
                 "max_kpt_diff_px": float((out.keypoints - ref).abs().max() * cfg.heatmap_size),
+                "peak_mb": peak / 2 ** 20,
                 "speedup_vs_reference": statistics.median(times[runnable[0].name]) / med,
             })
     if bar is not None:
@@ -118,11 +126,12 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
 def format_table(res: dict) -> str:
     lines = [f"ldeq-fast bench on {res['machine']['cpu']} ({res['machine']['cores']} cores), device {res['device']}, "
              f"torch {res['machine']['torch']}; median of {res['repeats']} interleaved runs",
-             f"{'path':<10} {'batch':>5} {'images/s':>9} {'ms/image':>9} {'iters':>6} {'max dkpt px':>11} {'speedup':>8}"]
+             f"{'path':<10} {'batch':>5} {'images/s':>9} {'ms/image':>9} {'iters':>6} {'max dkpt px':>11} "
+             f"{'peak MB':>8} {'speedup':>8}"]
     for r in res["rows"]:
         it = "-" if r["iterations"] is None else f"{r['iterations']:.1f}"
         lines.append(f"{r['path']:<10} {r['batch']:>5} {r['images_per_s']:>9.2f} {r['ms_per_image']:>9.1f} {it:>6} "
-                     f"{r['max_kpt_diff_px']:>11.2e} {r['speedup_vs_reference']:>7.2f}x")
+                     f"{r['max_kpt_diff_px']:>11.2e} {r['peak_mb']:>8.0f} {r['speedup_vs_reference']:>7.2f}x")
     for s in res["skipped"]:
         lines.append(f"(skipped {s['path']}: {s['why']})")
     return "\n".join(lines)
