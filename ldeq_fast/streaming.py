@@ -1,0 +1,76 @@
+"""Streaming inference with a fixed-iteration forward, replayed as a CUDA graph.
+
+A video stream runs the same small batch through the model every frame: stem, a few warm-started solver
+iterations (RwR), the extra step and the keypoint head.  At batch 1-8 the GPU time of that forward is
+smaller than the time to launch its few hundred kernels from Python, so ``GraphedForward`` captures it
+once (static input buffers, ``fixed_iters`` solve: no host sync anywhere) and replays the graph per frame.
+Elsewhere (CPU, or ``use_graph=False``) it runs the same fixed-iteration forward eagerly, which is what the
+tests compare against the ordinary forward.
+"""
+from __future__ import annotations
+
+import torch
+
+from ldeq_fast.model.ldeq import LDEQ, LDEQOutput
+
+
+class GraphedForward:
+    """``gf = GraphedForward(model, batch=1, iters=1)``; then ``out = gf(images, z0)`` per frame.
+
+    ``iters`` solver evaluations from ``z0`` (zeros when None), then the model's extra step: 2 cell
+    evaluations per frame at ``iters=1`` (the published RwR inference).  The returned keypoints,
+    uncertainties and z_star are copies, safe to keep across calls (pass ``out.z_star`` as the next z0);
+    ``heatmaps`` and ``stats`` are the forward's own buffers, overwritten by the next call.
+    """
+
+    def __init__(self, model: LDEQ, batch: int, iters: int = 1, use_graph: bool | None = None, warmup: int = 3):
+        if batch < 1 or iters < 1:
+            raise ValueError("GraphedForward: batch and iters must be >= 1")
+        self.model = model.eval()
+        c = model.cfg
+        device = next(model.parameters()).device
+        self.images = torch.zeros(batch, 3, c.im_size, c.im_size, device=device)
+        self.z0 = model.zeros_z0(self.images)
+        self.settings = model.solver_settings(iters, tol=0.0, fixed_iters=True, check_every=0)
+        self.use_graph = device.type == "cuda" if use_graph is None else bool(use_graph)
+        if self.use_graph and c.backend == "torch":
+            raise ValueError("GraphedForward: the reference solver (backend 'torch') reads residuals on the host; "
+                             "capture needs the fused engine (backend auto|triton|cuda)")
+        if self.use_graph and device.type != "cuda":
+            raise ValueError("GraphedForward: CUDA graphs need the model on a CUDA device")
+        self.graph = None
+        self._static: LDEQOutput | None = None
+        if self.use_graph:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):      # warm-up off the capture stream: kernels, allocator, caches
+                for _ in range(warmup):
+                    self._run()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._static = self._run()
+
+    @torch.no_grad()
+    def _run(self) -> LDEQOutput:
+        return self.model.forward_unchecked(self.images, self.z0, solver=self.settings)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, z0: torch.Tensor | None = None) -> LDEQOutput:
+        if tuple(images.shape) != tuple(self.images.shape):
+            raise ValueError(f"GraphedForward was built for images of shape {tuple(self.images.shape)}, "
+                             f"got {tuple(images.shape)}")
+        self.model._check_inputs(images, z0)
+        self.images.copy_(images)
+        if z0 is None:
+            self.z0.zero_()
+        else:
+            self.z0.copy_(z0)
+        if self.graph is None:
+            out = self._run()
+        else:
+            self.graph.replay()
+            out = self._static
+        return LDEQOutput(keypoints=out.keypoints.clone(), uncertainty=out.uncertainty.clone(),
+                          uncertainty_published=out.uncertainty_published.clone(), z_star=out.z_star.clone(),
+                          heatmaps=out.heatmaps, stats=out.stats)
