@@ -98,3 +98,65 @@ def test_bad_inputs(toy_model):
         tr.step(torch.randn(2, 3, 128, 128), ["a", "a"])
     with pytest.raises(ValueError, match="mode"):
         TrackerConfig(mode="sticky")
+
+
+def test_align_state_moves_a_peak_with_the_crop():
+    from ldeq_fast.video.tracker import align_state
+
+    z = torch.zeros(1, 1, 32, 32)
+    z[0, 0, 10, 12] = 1.0                                        # row 10, column 12
+    # the current crop is the previous one shifted by (+3, -2) heatmap px at crop size 128 (4 px per index)
+    prev_to_now = torch.tensor([[[1.0, 0.0, -3 * 4.0], [0.0, 1.0, 2 * 4.0]]], dtype=torch.float64)
+    out = align_state(z, prev_to_now, 128)
+    assert out[0, 0].argmax().item() == (10 + 2) * 32 + (12 - 3)
+    torch.testing.assert_close(out.sum(), z.sum())
+    same = align_state(z, torch.tensor([[[1.0, 0, 0], [0, 1.0, 0]]], dtype=torch.float64), 128)
+    torch.testing.assert_close(same, z)
+
+
+def test_aligned_tracker_is_batch_invariant_and_checks_affines(toy_model):
+    frames = torch.randn(2, 3, 3, 128, 128)
+    aff = torch.eye(2, 3, dtype=torch.float64).repeat(2, 3, 1, 1)
+    aff[:, :, :, 2] += torch.randn(2, 3, 2, dtype=torch.float64) * 3      # box jitter
+    batched = RwRTracker(toy_model, TrackerConfig(mode="warm"))
+    alone = RwRTracker(toy_model, TrackerConfig(mode="warm"))
+    plain = RwRTracker(toy_model, TrackerConfig(mode="warm", align=False))
+    for t in range(3):
+        rb = batched.step(frames[:, t], ["a", "b"], aff[:, t])
+        ra = alone.step(frames[1:2, t], ["b"], aff[1:2, t])
+        rp = plain.step(frames[1:2, t], ["b"], aff[1:2, t])
+        assert torch.allclose(rb.keypoints[1], ra.keypoints[0], atol=1e-5)
+    assert not torch.allclose(ra.keypoints, rp.keypoints, atol=1e-5)   # the alignment changed the warm start
+    with pytest.raises(ValueError, match="affines"):
+        batched.step(frames[:, 0], ["a", "b"], aff[:1, 0])
+
+
+def test_fit_motion_recovers_a_similarity_and_a_translation():
+    from ldeq_fast.video.tracker import fit_motion
+
+    src = torch.randn(20, 2, dtype=torch.float64) * 30
+    ang, scale, t = 0.1, 1.05, torch.tensor([3.0, -2.0], dtype=torch.float64)
+    rot = scale * torch.tensor([[torch.cos(torch.tensor(ang)), -torch.sin(torch.tensor(ang))],
+                                [torch.sin(torch.tensor(ang)), torch.cos(torch.tensor(ang))]], dtype=torch.float64)
+    dst = src @ rot.T + t
+    M = fit_motion(src, dst, "similarity")
+    torch.testing.assert_close(M[:, :2], rot)
+    torch.testing.assert_close(src @ M[:, :2].T + M[:, 2], dst)
+    T = fit_motion(src, src + t, "translation")
+    torch.testing.assert_close(T, torch.cat((torch.eye(2, dtype=torch.float64), t[:, None]), 1))
+
+
+@pytest.mark.parametrize("mode", ["warm", "prox"])
+def test_motion_predicted_tracker_is_batch_invariant(toy_model, mode):
+    frames = torch.randn(2, 4, 3, 128, 128)
+    aff = torch.eye(2, 3, dtype=torch.float64).repeat(2, 4, 1, 1)
+    aff[:, :, :, 2] += torch.randn(2, 4, 2, dtype=torch.float64) * 3
+    cfg = TrackerConfig(mode=mode, motion="similarity", reset_displacement=None)
+    batched, alone = RwRTracker(toy_model, cfg), RwRTracker(toy_model, cfg)
+    for t in range(4):
+        rb = batched.step(frames[:, t], ["a", "b"], aff[:, t])
+        ra = alone.step(frames[1:2, t], ["b"], aff[1:2, t])
+        assert torch.allclose(rb.keypoints[1], ra.keypoints[0], atol=1e-5)
+    assert alone.state["b"].motion is not None
+    with pytest.raises(ValueError, match="motion"):
+        TrackerConfig(motion="spline")

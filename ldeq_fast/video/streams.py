@@ -16,14 +16,17 @@ from ldeq_fast.video.tracker import RwRTracker
 
 
 def run_streams(tracker: RwRTracker, videos: Sequence[Iterable[torch.Tensor]], slots: int = 8,
-                progress: Callable[[int], None] | None = None) -> dict:
-    """Track every video; each video is an iterable of preprocessed frames (3, H, W).
+                progress: Callable[[int], None] | None = None, affines: Sequence | None = None) -> dict:
+    """Track every video; each video is an iterable of preprocessed frames (3, H, W).  ``affines``, one
+    (T_v, 2, 3) array per video (each frame's frame -> crop affine), lets the tracker align its state.
 
     Returns {'keypoints': [np.ndarray (T_v, K, 2)], 'cell_evals': [np.ndarray (T_v,)],
     'resets': [np.ndarray (T_v,)], 'frames': total, 'seconds': wall time, 'steps': batched forwards}."""
     if slots < 1:
         raise ValueError("slots must be >= 1")
     waiting = list(enumerate(videos))[::-1]
+    if affines is not None and len(affines) != len(videos):
+        raise ValueError(f"affines: {len(affines)} arrays for {len(videos)} videos")
     busy: dict[int, tuple[int, object]] = {}            # slot -> (video index, iterator)
     kpts = [[] for _ in videos]
     evals = [[] for _ in videos]
@@ -53,7 +56,10 @@ def run_streams(tracker: RwRTracker, videos: Sequence[Iterable[torch.Tensor]], s
     while pending:
         order = sorted(pending)
         vids = [busy[s][0] for s in order]
-        res = tracker.step(torch.stack([pending[s] for s in order]), vids)
+        aff = None
+        if affines is not None:
+            aff = np.stack([np.asarray(affines[v][len(kpts[v])]) for v in vids])  # this frame of each video
+        res = tracker.step(torch.stack([pending[s] for s in order]), vids, aff)
         steps += 1
         frames += len(order)
         for j, v in enumerate(vids):
