@@ -54,6 +54,7 @@ class LDEQConfig:
     backward_max_iters: int = 0           # 0: same as max_iters
     backend: str = "auto"                 # auto | torch | triton | cpp | cuda
     train_recompute: bool = True          # fast path, training: recompute stem + norm epilogues in backward
+    channels_last: bool = True            # fast path: NHWC weights and activations (faster convs)
     extra: dict = field(default_factory=dict, repr=False)  # free-form notes (kept in checkpoints)
 
     def __post_init__(self):

@@ -147,10 +147,11 @@ def test_eval_then_rwr_matches_published_oracle(ckpt_path):
     assert_logs_match(out["fwd_logs"], logs)
     assert out["fwd_logs"]["n_iters"] == 4 and out["fwd_logs"]["max_iters"] == 4
 
-    # ldeq_fast's own model with published semantics gives the same landmarks
+    # ldeq_fast's own model with published semantics gives the same landmarks (eager cell ops here, fused
+    # epilogues in `model`: float32 rounding, ~1e-6 of the crop)
     ours = load_published(ckpt_path, solver_semantics="published", backend="torch")
     with torch.no_grad():
-        torch.testing.assert_close(ours(x1, z0=z0).keypoints, out["keypoints"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours(x1, z0=z0).keypoints, out["keypoints"], atol=3e-6, rtol=0)
 
     # RwR: one solver iteration per frame, warm-started from the previous frame's z_star (args read at call time)
     train_args.max_iters = 1
@@ -298,8 +299,8 @@ def test_fast_semantics_are_per_sample(ckpt_path):
     # per call: the published model switched to per-sample semantics by an args field
     published, a2 = load_like_the_script(ckpt_path)
     a2.max_iters, a2.rel_diff_target, a2.ldeq_fast_semantics = 6, 1e-3, "per_sample"
-    with torch.no_grad():
-        torch.testing.assert_close(published(x, args=a2)["keypoints"], batch["keypoints"], atol=1e-6, rtol=0)
+    with torch.no_grad():  # (the fast=True model also reorders the cell's arithmetic: rounding-level changes)
+        torch.testing.assert_close(published(x, args=a2)["keypoints"], batch["keypoints"], atol=1e-5, rtol=0)
 
 
 def test_load_state_dict_errors(ckpt_path):

@@ -141,3 +141,34 @@ def test_fast_path_matches_reference_path():
     out = model(x)
     out.keypoints.sum().backward()
     assert all(p.grad is not None for p in model.deq_layer.cell.parameters())
+
+
+def test_fast_path_under_bf16_autocast_keeps_fp32_state():
+    """bf16 autocast (the GPU recipe; CPU autocast here): convs in bf16, solver state and statistics fp32."""
+    from ldeq_fast import _ext
+
+    if not _ext.has_cpp():
+        pytest.skip(f"native extension not built: {_ext.missing_reason()}")
+    cfg = LDEQConfig.small(backend="auto", rel_tol=1e-4, max_iters=20)
+    model = _contractive_model(cfg)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+    assert low.z_star.dtype == torch.float32 and low.keypoints.dtype == torch.float32
+    assert torch.isfinite(low.keypoints).all()
+    # bf16 convolutions (8-bit mantissa) move the fixed point a little; on these random, nearly flat heatmaps
+    # that is ~0.15 heatmap px (a broken cast would be pixels off)
+    assert (low.keypoints - ref.keypoints).abs().max() * cfg.heatmap_size < 0.3
+
+
+def test_torch_compile_of_the_model_runs_on_cpu():
+    cfg = LDEQConfig.small(backend="auto", max_iters=3)
+    torch.manual_seed(0)
+    model = LDEQ(cfg).eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model)(x)
+    torch.testing.assert_close(got.keypoints, want.keypoints, atol=1e-4, rtol=0)

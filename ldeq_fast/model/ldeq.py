@@ -66,6 +66,7 @@ class LDEQ(nn.Module):
         self.deq_layer = DEQLayer(cfg)
         self.backward_log = BackwardLog()
         init_weights_like_published(self)
+        self._set_epilogue_backend()  # the layout is set before an optimizer or DDP sees the parameters
 
     # ------------------------------------------------------------------ helpers
     def z_shape(self, batch: int):
@@ -109,25 +110,40 @@ class LDEQ(nn.Module):
             heat = softargmax_normalize(heat, c.softargmax_beta)
         return heat
 
+    def keypoints_from_heatmaps(self, heat: torch.Tensor):
+        """(keypoints, spread, published uncertainty) of heatmaps: the fused head on the fast path."""
+        if self.cfg.backend == "torch":
+            return heatmaps_to_keypoints(heat)
+        return heatmap_keypoints(heat, backend=self.cfg.backend)
+
     # ------------------------------------------------------------------ forward
     def cell_fn(self, injection: torch.Tensor):
         self._set_epilogue_backend()
         cell = self.deq_layer.cell
-        # fast path: 1x1 convs over concatenations as sums of partial convs (same values, rounded differently);
-        # published semantics keep the published op order for parity runs
-        split = self.cfg.backend != "torch" and self.cfg.solver_semantics == "per_sample"
-        term = cell.injection_term(injection) if split else None
+        term = cell.injection_term(injection) if self._reordered_math() else None
         # the solver state keeps its dtype (fp32) even when the cell runs under bf16 autocast
         return lambda z: cell(z, injection, term).to(z.dtype)
 
+    def _reordered_math(self) -> bool:
+        """Fast-path rewrites that give the same values rounded differently: 1x1 convs over concatenations
+        as sums of partial convs, NHWC convolutions.  Off for published-semantics parity runs."""
+        return self.cfg.backend != "torch" and self.cfg.solver_semantics == "per_sample"
+
     def _set_epilogue_backend(self) -> None:
-        """The fast-path switch: cfg.backend 'torch' = eager cell ops, otherwise fused cell epilogues."""
+        """The fast-path switch: cfg.backend 'torch' = eager cell ops and NCHW; otherwise fused cell epilogues
+        and, with cfg.channels_last, NHWC weights (the activations follow the weights' layout)."""
         b = self.cfg.backend
         if getattr(self, "_epilogue_backend", None) != b:
             for mod in self.deq_layer.cell.modules():
                 if isinstance(mod, (ConvBlock, HeatmapNorm)):
                     mod.epilogue_backend = b
             self._epilogue_backend = b
+        fmt = torch.channels_last if self._reordered_math() and self.cfg.channels_last else torch.contiguous_format
+        if getattr(self, "_memory_format", torch.contiguous_format) != fmt:
+            for mod in self.modules():
+                if isinstance(mod, nn.Conv2d):
+                    mod.weight.data = mod.weight.data.contiguous(memory_format=fmt)
+        self._memory_format = fmt
 
     def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                 max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
@@ -141,13 +157,13 @@ class LDEQ(nn.Module):
         c = self.cfg
         self._set_epilogue_backend()
         mode = mode or c.model_mode
-        fast = c.backend != "torch"
-        lean = fast and c.train_recompute and torch.is_grad_enabled()
+        lean = c.backend != "torch" and c.train_recompute and torch.is_grad_enabled()
+        images = images.contiguous(memory_format=self._memory_format)
         x = recompute_stem(self.tail, images) if lean else self.tail(images)
         with EpilogueRecompute() if lean else contextlib.nullcontext():
-            return self._solve_and_read(x, images, z0, mode, max_iters, solver, fast)
+            return self._solve_and_read(x, images, z0, mode, max_iters, solver)
 
-    def _solve_and_read(self, x, images, z0, mode, max_iters, solver, fast) -> LDEQOutput:
+    def _solve_and_read(self, x, images, z0, mode, max_iters, solver) -> LDEQOutput:
         c = self.cfg
         z0 = self.zeros_z0(images) if z0 is None else z0.to(x.dtype)
         f = self.cell_fn(x)
@@ -166,6 +182,6 @@ class LDEQ(nn.Module):
         else:
             raise ValueError(f"mode must be 'implicit' or 'explicit', not {mode!r}")
         heat = self.heatmaps_from_z(z)
-        kpts, spread, published = heatmap_keypoints(heat, backend=c.backend) if fast else heatmaps_to_keypoints(heat)
+        kpts, spread, published = self.keypoints_from_heatmaps(heat)
         return LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
                           z_star=z.detach(), heatmaps=heat, stats=stats)

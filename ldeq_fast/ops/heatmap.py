@@ -265,9 +265,12 @@ if "cpp" in SUPPORTS:
 def softargmax_heatmaps(h: _Tensor, beta, *, backend: str | None = None) -> _Tensor:
     """hm = exp(beta * (h - max_{H,W} h)) per (batch, keypoint) map: heatmaps in (0, 1] peaking at 1.
 
-    h: (B, K, H, W) float32/float64.  beta: a float, or a tensor of shape (), (K,) or (1, K, 1, 1)
-    (differentiable).  ``backend`` as for every ldeq_fast op (see ``pick_backend``).
+    h: (B, K, H, W) float32/float64 (bfloat16/float16, e.g. a conv output under autocast, is computed and
+    returned in float32).  beta: a float, or a tensor of shape (), (K,) or (1, K, 1, 1) (differentiable).
+    ``backend`` as for every ldeq_fast op (see ``pick_backend``).
     """
+    if isinstance(h, torch.Tensor) and h.dtype in (torch.bfloat16, torch.float16):
+        h = h.float()  # exp of a max-shifted map: fp32 statistics
     _check_maps(h, "softargmax_heatmaps", "h")
     beta_k = _beta_vector(beta, h, "softargmax_heatmaps")
     chosen = pick_backend(h, backend, SUPPORTS)
