@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from common import write_json
 
 PATHS = ("fast", "published")
 
@@ -165,9 +166,7 @@ def main(argv=None) -> int:
         if fit:
             print(f"{path:>10}: peak = {fit['fixed_mb']:.0f} MB + {fit['marginal_mb_per_sample']:.1f} MB x batch; "
                   f"largest batch in {a.budget_gb:g} GB: {fit['max_batch_in_budget']}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+    write_json(a.json, res)
     return 0
 
 

@@ -47,8 +47,22 @@ step_model_bench() {
   $PY -m ldeq_fast.cli bench --device cuda --batch 32,1 --repeats 5 --no-progress --json "$OUT/model_cuda.json"
 }
 
+step_model_gpu() {
+  # published-semantics eager vs torch.compile(reference, max-autotune) vs fast fp32 / bf16 at batch 32,
+  # and streaming batch 1 (2 cell evaluations per frame) with the CUDA-graph forward
+  $PY bench/bench_model_gpu.py --batch 32 --repeats 5 --json "$OUT/model_gpu.json"
+}
+
+step_cellops() {
+  $PY bench/bench_cellops.py --device cuda --json "$OUT/cellops_cuda.json"
+}
+
+step_profile() {
+  $PY bench/profile_fast_path.py --device cuda --batch 32 --json "$OUT/profile_cuda_b32.json"
+}
+
 step_train_bench() {
-  $PY bench/bench_train.py --device cuda --batch 16,32 --repeats 3 --json "$OUT/train_cuda.json"
+  $PY bench/bench_train.py --device cuda --batch 16,32,64 --repeats 3 --budget-gb 80 --json "$OUT/train_cuda.json"
 }
 
 step_torchdeq_adapter() {
@@ -56,7 +70,7 @@ step_torchdeq_adapter() {
 }
 
 # LDEQ_GPU_STEPS="gpu_tests solver_bench" runs a subset (e.g. when the extension is already built)
-read -r -a STEPS <<<"${LDEQ_GPU_STEPS:-build gpu_tests solver_bench model_bench train_bench torchdeq_adapter}"
+read -r -a STEPS <<<"${LDEQ_GPU_STEPS:-build gpu_tests solver_bench model_bench model_gpu cellops profile train_bench torchdeq_adapter}"
 
 # --------------------------------------------------------------------------------------------------
 # runner: every step gets a log and a status JSON; failures do not stop the suite
@@ -108,4 +122,19 @@ if os.path.exists(p):
     g = r.get("cuda_graph")
     if g:
         print(f"    CUDA graph: {g['graph_ms_per_iter']:.3f} ms/iter replayed vs {g['eager_ms_per_iter']:.3f} eager")
+p = os.path.join(out, "model_gpu.json")
+if os.path.exists(p):
+    r = json.load(open(p))
+    for row in r["rows"]:
+        print(f"  model {row['path']:<34} {row['images_per_s']:8.1f} img/s  {row['speedup_vs_published_eager']:.2f}x published"
+              f"  dkpt {row['max_kpt_diff_px_vs_fast_fp32']:.3f} px")
+    for name, s in r["streaming_batch1"].items():
+        print(f"  streaming batch 1 ({name}): {s['ms_per_frame']:.3f} ms/frame")
+p = os.path.join(out, "train_cuda.json")
+if os.path.exists(p):
+    r = json.load(open(p))
+    for row in r["rows"]:
+        if "time_ratio_vs_published" in row:
+            print(f"  train batch {row['batch']}: time {row['time_ratio_vs_published']:.2f}x, "
+                  f"memory {row['memory_ratio_vs_published']:.2f}x the published-semantics step")
 EOF

@@ -10,12 +10,11 @@ convolutions and next to nothing else.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 
 import torch
-from common import machine_info
+from common import machine_info, write_json
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -67,9 +66,7 @@ def main(argv=None) -> int:
               f"({100 * r['conv_share']:.1f}%), {r['iterations']:.1f} iterations")
         for k, t in r["top_ops_ms"][:8]:
             print(f"{'':>11}{t:9.1f} ms  {k}")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=1)
+    write_json(a.json, res)
     return 0
 
 

@@ -253,7 +253,7 @@ class LDEQ(_LDEQ):
         if fast and save_trajectory and mode == "implicit":
             raise ValueError("save_trajectory needs the published solver semantics (fast=False): the per-sample "
                              "solver does not keep its iterates")
-        injection = self.tail(x)
+        injection = self.injection(x)
         z0 = self.zeros_z0(x).to(injection.dtype) if z0 is None else z0.to(injection.dtype)
         f = self.cell_fn(injection)
         logs, trajectory, self.last_stats = None, [], None

@@ -154,14 +154,20 @@ class LDEQ(nn.Module):
                           max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
         """``forward`` without the input checks, whose NaN test reads a value on the host: with a
         ``fixed_iters`` solver nothing here syncs, so it can be captured (ldeq_fast/streaming.py)."""
-        c = self.cfg
-        self._set_epilogue_backend()
-        mode = mode or c.model_mode
-        lean = c.backend != "torch" and c.train_recompute and torch.is_grad_enabled()
-        images = images.contiguous(memory_format=self._memory_format)
-        x = recompute_stem(self.tail, images) if lean else self.tail(images)
-        with EpilogueRecompute() if lean else contextlib.nullcontext():
+        mode = mode or self.cfg.model_mode
+        x = self.injection(images)
+        with EpilogueRecompute() if self._lean_training() else contextlib.nullcontext():
             return self._solve_and_read(x, images, z0, mode, max_iters, solver)
+
+    def _lean_training(self) -> bool:
+        c = self.cfg
+        return c.backend != "torch" and c.train_recompute and torch.is_grad_enabled()
+
+    def injection(self, images: torch.Tensor) -> torch.Tensor:
+        """The stem's output x, the cell's input injection (in the fast path's memory layout)."""
+        self._set_epilogue_backend()
+        images = images.contiguous(memory_format=self._memory_format)
+        return recompute_stem(self.tail, images) if self._lean_training() else self.tail(images)
 
     def _solve_and_read(self, x, images, z0, mode, max_iters, solver) -> LDEQOutput:
         c = self.cfg

@@ -3,8 +3,8 @@
 A training step keeps two graphs alive while the implicit backward solves its adjoint: the stem's and the
 one tracked cell step's.  Two measures shrink them without changing any value:
 
-* ``recompute_stem``: the stem is checkpointed (only the images are kept) and re-run once after the DEQ
-  backward; BatchNorm's running statistics are updated by the first run only.  The stem is ~2% of a
+* ``recompute_stem``: the stem is checkpointed (only the images are kept) and re-run after the DEQ backward,
+  stage by stage; BatchNorm's running statistics are updated by the first run only.  The stem is ~2% of a
   step's convolution work, and its high-resolution activations are a third of the eager path's memory.
 * ``EpilogueRecompute``: inside this context, each fused LeakyReLU -> GroupNorm output that an autograd
   node saves (the next conv's input, a pooling input) is stored as a recipe pointing at the conv output the
@@ -123,15 +123,30 @@ def _scratch_batchnorm_stats(module: nn.Module):
             setattr(m, name, t)
 
 
-def recompute_stem(stem: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``stem(images)`` whose activations are recomputed in backward instead of stored."""
+def recompute_stem(stem: nn.Sequential, images: torch.Tensor) -> torch.Tensor:
+    """``stem(images)`` whose activations are recomputed in backward instead of stored.  Checkpoints are
+    nested: the forward keeps only the images (nothing of the stem's is alive during the DEQ backward), and
+    the stem's own backward recomputes it stage by stage (one stage's activations alive at a time)."""
+
+    def stages(x):
+        for stage in stem:
+            x = _checkpointed(stage, x)
+        return x
+
+    return _checkpointed(stem, images, stages)
+
+
+def _checkpointed(module: nn.Module, x: torch.Tensor, fn=None) -> torch.Tensor:
+    """``fn(x)`` (default ``module(x)``) under a non-reentrant checkpoint; the recompute leaves ``module``'s
+    BatchNorm statistics alone."""
+    fn = fn or module
     calls = [0]
 
-    def run(x):
+    def run(inp):
         calls[0] += 1
         if calls[0] == 1:
-            return stem(x)
-        with _scratch_batchnorm_stats(stem):
-            return stem(x)
+            return fn(inp)
+        with _scratch_batchnorm_stats(module):
+            return fn(inp)
 
-    return checkpoint(run, images, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(run, x, use_reentrant=False, preserve_rng_state=False)

@@ -144,7 +144,7 @@ class RwRTracker:
             affines = torch.as_tensor(affines, dtype=torch.float64)
             if tuple(affines.shape) != (S, 2, 3) or not bool(torch.isfinite(affines).all()):
                 raise ValueError(f"affines must be finite with shape ({S}, 2, 3), got {tuple(affines.shape)}")
-        x = m.tail(images)
+        x = m.injection(images)
         extra = not c.take_one_less_inference_step
         full = m.solver_settings()
         known = torch.tensor([s in self.state for s in streams], device=images.device)

@@ -1,0 +1,115 @@
+"""The GPU comparison of the whole model: published-semantics eager PyTorch, torch.compile of the reference
+path, and our fast path in fp32 and bf16, at a throughput batch; and streaming batch 1 with the CUDA-graph
+forward (``GraphedForward``) against the same fixed-iteration forward run eagerly.
+
+    python bench/bench_model_gpu.py --json bench/results/model_gpu.json            # on the GPU machine
+    python bench/bench_model_gpu.py --device cpu --small --no-compile --batch 2    # smoke run anywhere
+
+Methods are interleaved over repeats (medians).  Keypoint differences are in heatmap pixels against the
+fast path in fp32 on the same images (bf16 target: <= 0.05 px on a trained model; on random weights the
+heatmaps are flat and the difference is larger).  TF32 stays at PyTorch's defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+from common import interleaved, machine_info, time_once, write_json
+
+
+def main(argv=None) -> int:
+    from ldeq_fast import LDEQ, LDEQConfig
+    from ldeq_fast.streaming import GraphedForward
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-iters", type=int, default=10)
+    p.add_argument("--stream-iters", type=int, default=1, help="RwR solver iterations per streamed frame")
+    p.add_argument("--stream-frames", type=int, default=200)
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    base = (LDEQConfig.small() if a.small else LDEQConfig()).replace(max_iters=a.max_iters)
+    images = torch.randn(a.batch, 3, base.im_size, base.im_size, device=device)
+    models = {
+        "published_eager": LDEQ(base.replace(backend="torch", solver_semantics="published")),
+        "reference_eager": LDEQ(base.replace(backend="torch")),
+        "fast_fp32": LDEQ(base.replace(backend="auto")),
+    }
+    state = models["fast_fp32"].state_dict()
+    for m in models.values():
+        m.load_state_dict(state)
+        m.to(device).eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    runs = {
+        "published_eager": lambda: models["published_eager"](images),
+        "reference_eager": lambda: models["reference_eager"](images),
+        "fast_fp32": lambda: models["fast_fp32"](images),
+    }
+
+    def fast_bf16():
+        with autocast:
+            return models["fast_fp32"](images)
+
+    runs["fast_bf16"] = fast_bf16
+    if not a.no_compile:
+        compiled = torch.compile(models["reference_eager"], mode="max-autotune")
+        runs["reference_compiled_max_autotune"] = lambda: compiled(images)
+    with torch.no_grad():
+        outs = {name: fn() for name, fn in runs.items()}   # warm-up (and compilation), outputs for the diffs
+        times = interleaved(runs, repeats=a.repeats, warmup=0, device=device)
+    ref = outs["fast_fp32"].keypoints.float()
+    hm = base.heatmap_size
+    rows = []
+    for name in runs:
+        med = statistics.median(times[name])
+        rows.append({"path": name, "batch": a.batch, "images_per_s": a.batch / med, "ms_per_image": 1e3 * med / a.batch,
+                     "max_kpt_diff_px_vs_fast_fp32": float((outs[name].keypoints.float() - ref).abs().max() * hm),
+                     "times_s": times[name]})
+    pub = next(r for r in rows if r["path"] == "published_eager")["images_per_s"]
+    comp = next((r for r in rows if r["path"] == "reference_compiled_max_autotune"), None)
+    for r in rows:
+        r["speedup_vs_published_eager"] = r["images_per_s"] / pub
+        if comp is not None:
+            r["speedup_vs_compiled_reference"] = r["images_per_s"] / comp["images_per_s"]
+
+    # streaming: batch 1, `stream_iters` warm-started iterations + the extra step per frame
+    stream = {}
+    fast = models["fast_fp32"]
+    frames = torch.randn(8, 1, 3, base.im_size, base.im_size, device=device)
+    variants = {"eager": GraphedForward(fast, batch=1, iters=a.stream_iters, use_graph=False)}
+    if device.type == "cuda":
+        variants["cuda_graph"] = GraphedForward(fast, batch=1, iters=a.stream_iters)
+    for name, gf in variants.items():
+        z = [None]
+
+        def play(gf=gf, z=z):
+            for t in range(a.stream_frames):
+                z[0] = gf(frames[t % len(frames)], z[0]).z_star
+
+        per = [time_once(play, device) / a.stream_frames for _ in range(3)]
+        stream[name] = {"ms_per_frame": 1e3 * statistics.median(per), "cell_evals_per_frame": a.stream_iters + 1}
+
+    res = {"machine": machine_info(device), "device": str(device), "config": base.to_dict(), "repeats": a.repeats,
+           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+           "rows": rows, "streaming_batch1": stream}
+    print(f"{'path':<34} {'images/s':>9} {'ms/image':>9} {'vs published':>12} {'vs compiled':>11} {'dkpt px':>8}")
+    for r in rows:
+        vc = r.get("speedup_vs_compiled_reference")
+        print(f"{r['path']:<34} {r['images_per_s']:>9.1f} {r['ms_per_image']:>9.2f} {r['speedup_vs_published_eager']:>11.2f}x "
+              f"{'-' if vc is None else f'{vc:.2f}x':>11} {r['max_kpt_diff_px_vs_fast_fp32']:>8.3f}")
+    for name, s in stream.items():
+        print(f"streaming batch 1, {s['cell_evals_per_frame']} cell evaluations/frame, {name}: {s['ms_per_frame']:.3f} ms/frame")
+    write_json(a.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
