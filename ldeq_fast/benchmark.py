@@ -89,6 +89,7 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
         for rep in range(repeats + 1):       # rep 0 is a cheap warm-up
             for p in runnable:
                 model.cfg = cfg.replace(**p.config)
+                model.apply_config()   # weight layout changes between paths: not part of the timing
                 _sync(device)
                 t0 = time.perf_counter()
                 with torch.no_grad():

@@ -122,7 +122,7 @@ def export_onnx(model, path, iters: int | None = None, opset: int = DEFAULT_OPSE
     # the fused ops are not ONNX operators: export a copy that runs the plain PyTorch ops (NCHW weights)
     model = copy.deepcopy(model)
     model.cfg = c.replace(backend="torch")
-    model._set_epilogue_backend()
+    model.apply_config()
     wrapper = UnrolledLDEQ(model, plan["iters"], plan["extra_step"], uncertainty).eval()
     # size-1 dims are specialised when tracing, so a dynamic batch is traced with two images
     example = torch.randn(max(batch, 2) if dynamic_batch else batch, 3, c.im_size, c.im_size,

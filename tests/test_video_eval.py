@@ -8,7 +8,7 @@ import torch
 
 from ldeq_fast import LDEQ, LDEQConfig, metrics
 from ldeq_fast.model import save_weights
-from ldeq_fast.video.evaluate import evaluate_video_methods, synthetic_clips
+from ldeq_fast.video.evaluate import PROX_GRID, evaluate_video_methods, synthetic_clips, tune_tracker
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,23 @@ def test_method_table(tiny_model):
     for r in rows:
         assert np.isfinite(r["nme"]) and np.isfinite(r["nmf"]) and len(r["per_video_nmf"]) == 2
     assert rows[1]["params"] is not None and "alpha" in rows[1]["params"]
+    assert rows[3]["params"] in PROX_GRID               # prox tuned on the validation video
     assert preds["rwr_warm"][0].shape == clips[0].landmarks.shape
+
+
+def test_tune_tracker_picks_the_best_setting_by_the_objective(tiny_model):
+    val = synthetic_clips(1, 5, size=128, seed=2)
+    grid = [{"gamma": 0.0}, {"gamma": 8.0}]
+
+    def flicker(preds, gt):
+        return float(np.mean([metrics.video_nmf(p, g) for p, g in zip(preds, gt)]))
+
+    best, table = tune_tracker(tiny_model, val, flicker, grid, slots=1, mode="prox", motion="none")
+    assert [row["gamma"] for row in table] == [0.0, 8.0]
+    assert "score" not in best
+    assert best["gamma"] == min(table, key=lambda row: row["score"])["gamma"]
+    # a strong pull toward the previous state holds the landmarks still: less flicker than no pull
+    assert table[1]["score"] < table[0]["score"]
 
 
 def test_video_cli_smoke(tiny_model, tmp_path):

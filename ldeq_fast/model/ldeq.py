@@ -66,7 +66,7 @@ class LDEQ(nn.Module):
         self.deq_layer = DEQLayer(cfg)
         self.backward_log = BackwardLog()
         init_weights_like_published(self)
-        self._set_epilogue_backend()  # the layout is set before an optimizer or DDP sees the parameters
+        self.apply_config()  # the layout is set before an optimizer or DDP sees the parameters
 
     # ------------------------------------------------------------------ helpers
     def z_shape(self, batch: int):
@@ -118,7 +118,7 @@ class LDEQ(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def cell_fn(self, injection: torch.Tensor):
-        self._set_epilogue_backend()
+        self.apply_config()
         cell = self.deq_layer.cell
         term = cell.injection_term(injection) if self._reordered_math() else None
         # the solver state keeps its dtype (fp32) even when the cell runs under bf16 autocast
@@ -129,9 +129,10 @@ class LDEQ(nn.Module):
         as sums of partial convs, NHWC convolutions.  Off for published-semantics parity runs."""
         return self.cfg.backend != "torch" and self.cfg.solver_semantics == "per_sample"
 
-    def _set_epilogue_backend(self) -> None:
-        """The fast-path switch: cfg.backend 'torch' = eager cell ops and NCHW; otherwise fused cell epilogues
-        and, with cfg.channels_last, NHWC weights (the activations follow the weights' layout)."""
+    def apply_config(self) -> None:
+        """Apply ``cfg``'s fast-path switch now (forward does it lazily after ``model.cfg`` is replaced):
+        backend 'torch' = eager cell ops and NCHW weights; otherwise fused cell epilogues and, with
+        cfg.channels_last, NHWC weights (the activations follow the weights' layout)."""
         b = self.cfg.backend
         if getattr(self, "_epilogue_backend", None) != b:
             for mod in self.deq_layer.cell.modules():
@@ -165,7 +166,7 @@ class LDEQ(nn.Module):
 
     def injection(self, images: torch.Tensor) -> torch.Tensor:
         """The stem's output x, the cell's input injection (in the fast path's memory layout)."""
-        self._set_epilogue_backend()
+        self.apply_config()
         images = images.contiguous(memory_format=self._memory_format)
         return recompute_stem(self.tail, images) if self._lean_training() else self.tail(images)
 

@@ -9,8 +9,8 @@ one tracked cell step's.  Two measures shrink them without changing any value:
 * ``EpilogueRecompute``: inside this context, each fused LeakyReLU -> GroupNorm output that an autograd
   node saves (the next conv's input, a pooling input) is stored as a recipe pointing at the conv output the
   fused op already keeps, and recomputed from it when backward unpacks it; so is a residual sum of two
-  such outputs.  The recompute is one fused
-  elementwise pass per block and per vector-Jacobian product, small next to the convolutions.
+  such outputs.  The recompute is one fused elementwise pass per block and per vector-Jacobian product,
+  small next to the convolutions.
 
 The recomputed tensors carry no graph, so double backward through them is refused with a clear error.
 """
@@ -53,9 +53,11 @@ class EpilogueRecompute:
         self._recipes: dict[int, tuple[weakref.ref, _Recipe]] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
-    def remember(self, out: torch.Tensor, fn, *inputs: torch.Tensor) -> None:
-        """``out`` equals ``fn(*inputs)``; the inputs are kept alive by the graph anyway."""
-        self._recipes[id(out)] = (weakref.ref(out), _Recipe(fn, tuple(t.detach() for t in inputs)))
+    def remember(self, out: torch.Tensor, fn, *inputs) -> None:
+        """``out`` equals ``fn(*inputs)``; the input tensors are kept alive by the graph anyway, and an input
+        may be another output's recipe."""
+        inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+        self._recipes[id(out)] = (weakref.ref(out), _Recipe(fn, inputs))
 
     def recipe_of(self, t: torch.Tensor):
         entry = self._recipes.get(id(t))
@@ -98,7 +100,7 @@ def remember_sum(out: torch.Tensor, *parts: torch.Tensor) -> None:
         return
     recipes = [ctx.recipe_of(p) for p in parts]
     if all(r is not None for r in recipes):
-        ctx._recipes[id(out)] = (weakref.ref(out), _Recipe(lambda *xs: sum(xs[1:], xs[0]), tuple(recipes)))
+        ctx.remember(out, lambda *xs: sum(xs[1:], xs[0]), *recipes)
 
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
