@@ -129,6 +129,8 @@ def test_aligned_tracker_is_batch_invariant_and_checks_affines(toy_model):
     assert not torch.allclose(ra.keypoints, rp.keypoints, atol=1e-5)   # the alignment changed the warm start
     with pytest.raises(ValueError, match="affines"):
         batched.step(frames[:, 0], ["a", "b"], aff[:1, 0])
+    with pytest.raises(ValueError, match="more frames than"):
+        run_streams(RwRTracker(toy_model), [list(frames[0])], affines=[aff[0, :2]])
 
 
 def test_fit_motion_recovers_a_similarity_and_a_translation():

@@ -58,6 +58,9 @@ def run_streams(tracker: RwRTracker, videos: Sequence[Iterable[torch.Tensor]], s
         vids = [busy[s][0] for s in order]
         aff = None
         if affines is not None:
+            for v in vids:
+                if len(kpts[v]) >= len(affines[v]):
+                    raise ValueError(f"video {v}: more frames than its {len(affines[v])} affines")
             aff = np.stack([np.asarray(affines[v][len(kpts[v])]) for v in vids])  # this frame of each video
         res = tracker.step(torch.stack([pending[s] for s in order]), vids, aff)
         steps += 1
