@@ -50,7 +50,8 @@ step_model_bench() {
 step_model_gpu() {
   # published-semantics eager vs torch.compile(reference, max-autotune) vs fast fp32 / bf16 at batch 32,
   # and streaming batch 1 (2 cell evaluations per frame) with the CUDA-graph forward
-  $PY bench/bench_model_gpu.py --batch 32 --repeats 5 --json "$OUT/model_gpu.json"
+  $PY bench/bench_model_gpu.py --batch 32 --repeats 5 --json "$OUT/model_gpu.json" &&
+    $PY bench/bf16_agreement.py --device cuda --json "$OUT/bf16_agreement_cuda.json"
 }
 
 step_cellops() {
