@@ -32,6 +32,27 @@ def test_split_concat_cell_equals_concat_cell():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_conv_with_post_add_equals_conv_plus_add(in_place):
+    """In CPU inference the add rides on the oneDNN convolution; the value is the conv plus the add."""
+    from ldeq_fast.model.layers import ConvBlock, _onednn_post_add_ok
+
+    torch.manual_seed(0)
+    block = ConvBlock(48, 16, 1, norm="gn").eval()
+    x = torch.randn(2, 24, 8, 8)
+    add = torch.randn(2, 16, 8, 8)
+    want = torch.nn.functional.conv2d(x, block.conv.weight[:, 24:], block.conv.bias) + add
+    keep = add.clone()
+    with torch.no_grad():
+        assert _onednn_post_add_ok(x, add) == torch.backends.mkldnn.is_available()
+        got = block.conv_channels(x, 24, 48, bias=True, add=add, add_in_place=in_place)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if not in_place:
+        assert torch.equal(add, keep)      # the injection term is reused every iteration: left alone
+    with torch.enable_grad():              # with a graph: the plain ops (oneDNN's post-op has no autograd)
+        assert not _onednn_post_add_ok(x, add)
+
+
 def _train_step(model, x, target):
     out = model(x)
     (out.keypoints - target).abs().mean().backward()

@@ -56,12 +56,30 @@ class ConvBlock(nn.Module):
             out = self.norm(out)
         return out
 
-    def conv_channels(self, x: torch.Tensor, start: int, stop: int, bias: bool) -> torch.Tensor:
+    def conv_channels(self, x: torch.Tensor, start: int, stop: int, bias: bool, add: torch.Tensor | None = None,
+                      add_in_place: bool = False) -> torch.Tensor:
         """The 1x1 conv restricted to input channels [start, stop) (x holds just those channels): a conv
-        over a channel concatenation is the sum of such partial convs, one per part."""
+        over a channel concatenation is the sum of such partial convs, one per part.  Plus ``add`` when
+        given: in CPU fp32 inference one oneDNN convolution with the add as a post-op, written into ``add``
+        itself when ``add_in_place`` (the caller owns it) — the separate add's pass over memory is saved."""
         if self.conv.kernel_size != (1, 1):
             raise ValueError("conv_channels splits 1x1 convolutions only")
-        return F.conv2d(x, self.conv.weight[:, start:stop], self.conv.bias if bias else None)
+        w, b = self.conv.weight[:, start:stop], (self.conv.bias if bias else None)
+        if add is None:
+            return F.conv2d(x, w, b)
+        if _onednn_post_add_ok(x, w, add):
+            conv_add = torch.ops.mkldnn._convolution_pointwise_ if add_in_place else torch.ops.mkldnn._convolution_pointwise
+            args = (add, x) if add_in_place else (x, add)
+            return conv_add.binary(*args, w, b, [0, 0], [1, 1], [1, 1], 1, "add", None, None, [], None)
+        return F.conv2d(x, w, b) + add
+
+
+def _onednn_post_add_ok(*tensors: torch.Tensor) -> bool:
+    """oneDNN's conv + add post-op: CPU, float32, no autograd graph, no autocast (it has no autograd or
+    autocast rule)."""
+    return (torch.backends.mkldnn.is_available() and not torch.is_grad_enabled()
+            and not torch.is_autocast_enabled("cpu")
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 class Hourglass(nn.Module):
@@ -104,9 +122,8 @@ class Hourglass(nn.Module):
                 # commutes with a 1x1 conv, so the second half runs at quarter resolution and no
                 # concatenation is stored for backward
                 c = skip.shape[1]
-                low_part = fuse.conv_channels(low, c, 2 * c, bias=False)
-                fused = fuse.epilogue(fuse.conv_channels(skip, 0, c, bias=True)
-                                      + F.interpolate(low_part, scale_factor=2, mode="nearest"))
+                up = F.interpolate(fuse.conv_channels(low, c, 2 * c, bias=False), scale_factor=2, mode="nearest")
+                fused = fuse.epilogue(fuse.conv_channels(skip, 0, c, bias=True, add=up, add_in_place=True))
             else:
                 up = F.interpolate(low, scale_factor=2, mode="nearest")
                 fused = fuse(torch.cat((skip, up), 1))
@@ -211,7 +228,7 @@ class Cell(nn.Module):
         if injection_term is None:
             out = self.tail(torch.cat((z, injection), 1))
         else:
-            out = self.tail.epilogue(self.tail.conv_channels(z, 0, z.shape[1], bias=False) + injection_term)
+            out = self.tail.epilogue(self.tail.conv_channels(z, 0, z.shape[1], bias=False, add=injection_term))
         out = self.hourglass(out, split_concat=injection_term is not None)
         return self.features_to_heatmaps(self.head(out))
 
