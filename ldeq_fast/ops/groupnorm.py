@@ -15,66 +15,17 @@ float64 input); float32, float64, bfloat16 and float16 inputs are supported.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import pathlib
-import sys
-
 import torch
 import torch.nn.functional as F
 
-from ldeq_fast import _ext
-from ldeq_fast.ops import pick_backend
+from ldeq_fast.ops import cpp_ops_present, direct_call_ok, load_triton_kernels, pick_backend
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _OP = "leaky_relu_group_norm"
 
 
-def load_triton_kernels(name: str):
-    """The Triton kernel module ``ldeq_fast.kernels.<name>``.  In a source checkout that was not
-    installed, ``kernels/`` (mapped onto ``ldeq_fast.kernels`` by setup.py) is loaded from beside the
-    package under the same module name."""
-    full = f"ldeq_fast.kernels.{name}"
-    if full in sys.modules:
-        return sys.modules[full]
-    try:
-        return importlib.import_module(full)
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("ldeq_fast.kernels", full):
-            raise
-    path = pathlib.Path(__file__).resolve().parents[2] / "kernels" / f"{name}.py"
-    if not path.is_file():
-        raise ModuleNotFoundError(f"Triton kernels {full!r} are not installed and {path} does not exist")
-    spec = importlib.util.spec_from_file_location(full, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[full] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def cpp_ops_present(*names: str) -> bool:
-    """True when ldeq_fast._C is loaded and registers every op in ``names``; warns (once) when the
-    extension is loaded but predates them (rebuild it)."""
-    if not _ext.has_cpp():
-        return False
-    missing = [n for n in names if not hasattr(torch.ops.ldeq_fast, n)]
-    if missing:
-        _ext.warn_once(f"stale-{missing[0]}", f"ldeq_fast._C lacks {missing} (built from older sources); "
-                       "rebuild it: `python setup.py build_ext --inplace`.  Using the other backends.")
-    return not missing
-
-
 _CPP_OPS = ("leaky_relu_group_norm_cpu", "leaky_relu_group_norm_backward_cpu")
 SUPPORTS = ("triton", "cpp") if cpp_ops_present(*_CPP_OPS) else ("triton",)
-
-
-def direct_call_ok(*tensors: torch.Tensor) -> bool:
-    """True when no autograd graph is recorded and nothing is being traced: the public functions then
-    call the kernels directly, skipping the custom-op and autograd layers (tens of microseconds per call,
-    which matter in the no-grad fixed-point iterations)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:

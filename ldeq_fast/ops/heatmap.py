@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 from ldeq_fast.model.layers import heatmaps_to_keypoints, softargmax_normalize
-from ldeq_fast.ops import pick_backend
-from ldeq_fast.ops.groupnorm import cpp_ops_present, direct_call_ok, load_triton_kernels
+from ldeq_fast.ops import cpp_ops_present, direct_call_ok, load_triton_kernels, pick_backend
 
 _CPP_OPS = ("softargmax_heatmaps_cpu", "heatmap_keypoints_cpu", "heatmap_head_cpu", "heatmap_keypoints_backward_cpu",
             "heatmap_head_backward_cpu")
