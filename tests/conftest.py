@@ -3,8 +3,14 @@ import os
 import pytest
 import torch
 
+from ldeq_fast import _ext
+
 # Tests are small; one intra-op thread keeps timings and results stable on the 2-core CI machine.
 torch.set_num_threads(int(os.environ.get("LDEQ_FAST_TEST_THREADS", "2")))
+
+
+# tests of the fused C++ ops / the fast path on CPU: `from conftest import needs_cpp`, then `@needs_cpp`
+needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason=f"native extension not built: {_ext.missing_reason()}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,13 +9,11 @@ import sys
 
 import pytest
 import torch
+from conftest import needs_cpp
 
 import ldeq_fast.ops.anderson as A
 from ldeq_fast import _ext
 from ldeq_fast.solvers.reference import anderson_weights_reference
-
-needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason=f"C++ extension not built: {_ext.missing_reason()}")
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

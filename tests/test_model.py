@@ -3,6 +3,7 @@ import pathlib
 
 import pytest
 import torch
+from conftest import needs_cpp
 
 from ldeq_fast import LDEQ, LDEQConfig
 
@@ -119,12 +120,9 @@ def test_learnable_beta_is_a_parameter():
     assert torch.allclose(beta.effective_beta().flatten(), torch.full((cfg.z_width,), 2.0), atol=1e-5)
 
 
+@needs_cpp
 def test_fast_path_matches_reference_path():
     """Same weights: fused solver + fused cell epilogues vs the plain PyTorch path."""
-    from ldeq_fast import _ext
-
-    if not _ext.has_cpp():
-        pytest.skip(f"native extension not built: {_ext.missing_reason()}")
     cfg = LDEQConfig.small(backend="torch", rel_tol=1e-5, max_iters=30)
     model = _contractive_model(cfg)
     x = torch.randn(2, 3, 128, 128)
@@ -143,12 +141,9 @@ def test_fast_path_matches_reference_path():
     assert all(p.grad is not None for p in model.deq_layer.cell.parameters())
 
 
+@needs_cpp
 def test_fast_path_under_bf16_autocast_keeps_fp32_state():
     """bf16 autocast (the GPU recipe; CPU autocast here): convs in bf16, solver state and statistics fp32."""
-    from ldeq_fast import _ext
-
-    if not _ext.has_cpp():
-        pytest.skip(f"native extension not built: {_ext.missing_reason()}")
     cfg = LDEQConfig.small(backend="auto", rel_tol=1e-4, max_iters=20)
     model = _contractive_model(cfg)
     x = torch.randn(2, 3, 128, 128)

@@ -3,19 +3,13 @@ import copy
 
 import pytest
 import torch
+from conftest import needs_cpp
 
 from ldeq_fast import LDEQ, LDEQConfig
 from ldeq_fast.model.layers import Cell
 from ldeq_fast.model.recompute import EpilogueRecompute
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _need_cpp():
-    from ldeq_fast import _ext
-
-    if not _ext.has_cpp():
-        pytest.skip(f"native extension not built: {_ext.missing_reason()}")
 
 
 def test_split_concat_cell_equals_concat_cell():
@@ -59,9 +53,9 @@ def _train_step(model, x, target):
     return out
 
 
+@needs_cpp
 @pytest.mark.parametrize("grad_mode", ["ift", "phantom", "jfb"])
 def test_recompute_gives_the_same_gradients_and_bn_statistics(grad_mode):
-    _need_cpp()
     torch.manual_seed(0)
     cfg = LDEQConfig.small(max_iters=4, grad_mode=grad_mode, train_recompute=False)
     plain = LDEQ(cfg).train()
@@ -89,8 +83,8 @@ class _CountingRecompute(EpilogueRecompute):
         return packed
 
 
+@needs_cpp
 def test_epilogue_outputs_are_saved_as_recipes():
-    _need_cpp()
     torch.manual_seed(0)
     cfg = LDEQConfig.small()
     cell = Cell(cfg)
@@ -111,8 +105,8 @@ def test_epilogue_outputs_are_saved_as_recipes():
     assert torch.equal(g, g_stored)
 
 
+@needs_cpp
 def test_recompute_refuses_double_backward_and_in_place_changes():
-    _need_cpp()
     torch.manual_seed(0)
     cfg = LDEQConfig.small(max_iters=2, grad_mode="jfb")
     model = LDEQ(cfg).train()
