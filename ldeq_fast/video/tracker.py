@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ldeq_fast.data.transforms import invert_affine
+from ldeq_fast.data.transforms import apply_affine, invert_affine
 from ldeq_fast.deq import SolverSettings, deq_fixed_point
 from ldeq_fast.model.ldeq import LDEQ
 
@@ -166,9 +166,7 @@ class RwRTracker:
                                             for p, t in zip(prev, to_frame)])
                 rel = _compose(affines[idx.cpu()], to_frame)
                 z_prev = align_state(z_prev, rel.to(z_prev.device), c.im_size)
-                kp_old = (kp_old.double() * c.im_size) @ rel[:, :, :2].transpose(1, 2).to(kp_old.device) \
-                    + rel[:, None, :, 2].to(kp_old.device)
-                kp_old = (kp_old / c.im_size).to(z_prev.dtype)
+                kp_old = apply_affine(kp_old * c.im_size, rel) / c.im_size
             fi = m.cell_fn(x[idx])
             if tc.mode == "warm":
                 s = SolverSettings(**{**full.__dict__, "max_iter": tc.iters, "tol": 0.0})
@@ -207,8 +205,7 @@ class RwRTracker:
         kpts, spread, _ = m.keypoints_from_heatmaps(m.heatmaps_from_z(z))
         frame_px = None
         if affines is not None:
-            frame_px = (kpts.double().cpu() * c.im_size - affines[:, None, :, 2]) @ \
-                torch.linalg.inv(affines[:, :, :2]).transpose(1, 2)
+            frame_px = apply_affine(kpts.double().cpu() * c.im_size, affines, inverse=True)
         for i, s in enumerate(streams):
             prev_state = self.state.get(s)
             motion = None
