@@ -14,10 +14,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
-from common import write_json
+from common import time_once, write_json
 
 PATHS = ("fast", "published")
 
@@ -80,20 +79,13 @@ def child(path: str, batch: int, small: bool, device: str, max_iters: int) -> di
     kpts = torch.rand(batch, cfg.n_keypoints, 2, device=device)
     step = fast_training_step if path == "fast" else published_training_step
     step(model, images, kpts, opt)                  # warm-up: allocator, oneDNN primitives, optimizer state
-    _sync(device)
-    t0 = time.perf_counter()
-    iters = step(model, images, kpts, opt)
-    _sync(device)
-    seconds = time.perf_counter() - t0
+    result = {}
+    seconds = time_once(lambda: result.update(iters=step(model, images, kpts, opt)), device)
+    iters = result["iters"]
     # peak memory in a third, untimed step (CPU: peak live tensor bytes; process RSS would mix in the
     # C library's retained heap)
     peak = peak_memory_bytes(lambda: step(model, images, kpts, opt), device)
     return {"path": path, "batch": batch, "seconds": seconds, "peak_mb": peak / 2 ** 20, "fwd_iters": iters}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _memory_fit(rows, path: str, budget_mb: float) -> dict | None:

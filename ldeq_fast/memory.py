@@ -55,6 +55,7 @@ class PeakTensorMemory(TorchDispatchMode):
                 self._track(t, inputs)
         return out
 
+
 def peak_memory_bytes(fn, device) -> int:
     """Peak memory of ``fn()`` above what was allocated when it started: the CUDA allocator's peak on a
     CUDA device, ``PeakTensorMemory`` elsewhere."""

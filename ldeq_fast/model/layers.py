@@ -40,21 +40,20 @@ class ConvBlock(nn.Module):
     def epilogue(self, out: torch.Tensor) -> torch.Tensor:
         """LeakyReLU -> norm of a conv output."""
         if self.act and isinstance(self.norm, nn.GroupNorm) and self.epilogue_backend != "torch":
-            from ldeq_fast.ops.groupnorm import leaky_relu_group_norm
-
-            n, backend = self.norm, self.epilogue_backend
-
-            def fused(y, weight, bias):
-                return leaky_relu_group_norm(y, weight, bias, n.num_groups, n.eps, LEAKY_SLOPE, backend=backend)
-
-            res = fused(out, n.weight, n.bias)
-            remember(res, fused, out, n.weight, n.bias)  # training: saved as a recipe on the conv output
+            res = self._fused_epilogue(out, self.norm.weight, self.norm.bias)
+            remember(res, self._fused_epilogue, out, self.norm.weight, self.norm.bias)  # training: a recipe
             return res
         if self.act:
             out = F.leaky_relu(out, LEAKY_SLOPE)
         if self.norm is not None:
             out = self.norm(out)
         return out
+
+    def _fused_epilogue(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        from ldeq_fast.ops.groupnorm import leaky_relu_group_norm
+
+        return leaky_relu_group_norm(y, weight, bias, self.norm.num_groups, self.norm.eps, LEAKY_SLOPE,
+                                     backend=self.epilogue_backend)
 
     def conv_channels(self, x: torch.Tensor, start: int, stop: int, bias: bool, add: torch.Tensor | None = None,
                       add_in_place: bool = False) -> torch.Tensor:

@@ -16,7 +16,6 @@ from ldeq_fast.model.layers import (
     ConvBlock,
     HeatmapNorm,
     Stem,
-    heatmaps_to_keypoints,
     softargmax_normalize,
 )
 from ldeq_fast.model.recompute import EpilogueRecompute, recompute_stem
@@ -111,9 +110,8 @@ class LDEQ(nn.Module):
         return heat
 
     def keypoints_from_heatmaps(self, heat: torch.Tensor):
-        """(keypoints, spread, published uncertainty) of heatmaps: the fused head on the fast path."""
-        if self.cfg.backend == "torch":
-            return heatmaps_to_keypoints(heat)
+        """(keypoints, spread, published uncertainty) of heatmaps: the fused head on the fast path, the
+        reference (``heatmaps_to_keypoints``) with backend 'torch'."""
         return heatmap_keypoints(heat, backend=self.cfg.backend)
 
     # ------------------------------------------------------------------ forward
