@@ -1,17 +1,26 @@
 #!/usr/bin/env bash
-# One command on a GPU machine (H100): build the CUDA extension, run the GPU tests, run the GPU
-# benchmarks, write JSON into ${OUT:-bench/results}, print a short table last.
+# One command on a GPU machine (H100): install the package (the native extension against the machine's
+# torch), run the GPU tests, run the GPU benchmarks, write JSON into ${OUT:-bench/results}, print a short
+# table last.
 #
 #   OUT=/some/dir bash bench/gpu_suite.sh
 #
 # The suite is a list of steps.  Each step is a shell function `step_<name>` that writes its own
 # JSON into $OUT; a failing step is recorded (exit code, log tail) and the next step still runs.
 # To add a step: define `step_<name>` below and append <name> to the default step list.
+#
+# LDEQ_SUITE_SMOKE=1 runs every step but the build on the CPU at toy sizes (each step's smoke flags come
+# last and override its own); tests/test_gpu_suite.py does this so that the scripts, their JSON and
+# the summary below are exercised before they meet a GPU.  Exit status: 0 when every step passed.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
+SMOKE=${LDEQ_SUITE_SMOKE:-0}
+DEV=cuda
+if [ "$SMOKE" = 1 ]; then DEV=cpu; fi
+smoke() { if [ "$SMOKE" = 1 ]; then echo "$@"; fi; }  # prints its arguments in smoke runs only
 
 # --------------------------------------------------------------------------------------------------
 # steps
@@ -24,8 +33,9 @@ step_build() {
 }
 
 step_gpu_tests() {
-  # the solver's GPU tests and everyone else's (-m gpu); junit XML + a JSON count
-  $PY -m pytest -m gpu -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu_tests.xml"
+  # the tests that need CUDA (-m gpu) and the fused cell ops' Triton tests, which run on CUDA tensors when
+  # there is a GPU (-m triton); junit XML + a JSON count
+  $PY -m pytest -m "gpu or triton" -q -p no:cacheprovider tests/ --junitxml "$OUT/gpu_tests.xml"
   local rc=$?
   $PY - "$OUT/gpu_tests.xml" "$OUT/gpu_tests.json" <<'EOF'
 import json, sys
@@ -39,39 +49,44 @@ EOF
 }
 
 step_solver_bench() {
-  $PY bench/bench_solver.py --device cuda --json "$OUT/solver_cuda.json"
+  $PY bench/bench_solver.py --device $DEV --json "$OUT/solver_cuda.json" $(smoke --quick)
 }
 
 step_model_bench() {
   # reference vs published-semantics vs fast path on the default model, batch 32 and 1
-  $PY -m ldeq_fast.cli bench --device cuda --batch 32,1 --repeats 5 --no-progress --json "$OUT/model_cuda.json"
+  $PY -m ldeq_fast.cli bench --device $DEV --batch 32,1 --repeats 5 --no-progress --json "$OUT/model_cuda.json" \
+    $(smoke --small --batch 2,1 --repeats 1)
 }
 
 step_model_gpu() {
   # published-semantics eager vs torch.compile(reference, max-autotune) vs fast fp32 / bf16 at batch 32,
   # and streaming batch 1 (2 cell evaluations per frame) with the CUDA-graph forward
-  $PY bench/bench_model_gpu.py --batch 32 --repeats 5 --json "$OUT/model_gpu.json" &&
-    $PY bench/bf16_agreement.py --device cuda --json "$OUT/bf16_agreement_cuda.json"
+  $PY bench/bench_model_gpu.py --device $DEV --batch 32 --repeats 5 --json "$OUT/model_gpu.json" \
+    $(smoke --small --no-compile --batch 2 --repeats 1 --stream-frames 4) &&
+    $PY bench/bf16_agreement.py --device $DEV --json "$OUT/bf16_agreement_cuda.json" $(smoke --images 2)
 }
 
 step_cellops() {
-  $PY bench/bench_cellops.py --device cuda --json "$OUT/cellops_cuda.json"
+  $PY bench/bench_cellops.py --device $DEV --json "$OUT/cellops_cuda.json" $(smoke --quick)
 }
 
 step_profile() {
-  $PY bench/profile_fast_path.py --device cuda --batch 32 --json "$OUT/profile_cuda_b32.json"
+  $PY bench/profile_fast_path.py --device $DEV --batch 32 --json "$OUT/profile_cuda_b32.json" $(smoke --small --batch 2)
 }
 
 step_train_bench() {
-  $PY bench/bench_train.py --device cuda --batch 16,32,64 --repeats 3 --budget-gb 80 --json "$OUT/train_cuda.json"
+  $PY bench/bench_train.py --device $DEV --batch 16,32,64 --repeats 3 --budget-gb 80 --json "$OUT/train_cuda.json" \
+    $(smoke --small --batch 1,2 --repeats 1 --budget-gb 1)
 }
 
 step_torchdeq_adapter() {
-  $PY bench/bench_torchdeq_adapter.py --json "$OUT/torchdeq_adapter_cuda.json"
+  $PY bench/bench_torchdeq_adapter.py --device $DEV --json "$OUT/torchdeq_adapter_cuda.json" $(smoke --quick)
 }
 
 # LDEQ_GPU_STEPS="gpu_tests solver_bench" runs a subset (e.g. when the extension is already built)
-read -r -a STEPS <<<"${LDEQ_GPU_STEPS:-build gpu_tests solver_bench model_bench model_gpu cellops profile train_bench torchdeq_adapter}"
+ALL_STEPS="build gpu_tests solver_bench model_bench model_gpu cellops profile train_bench torchdeq_adapter"
+if [ "$SMOKE" = 1 ]; then ALL_STEPS=${ALL_STEPS#build }; fi
+read -r -a STEPS <<<"${LDEQ_GPU_STEPS:-$ALL_STEPS}"
 
 # --------------------------------------------------------------------------------------------------
 # runner: every step gets a log and a status JSON; failures do not stop the suite
@@ -89,9 +104,10 @@ tail = open(log, errors="replace").read()[-3000:]
 json.dump({"step": name, "exit_code": int(rc), "ok": rc == "0", "seconds": int(secs), "log": log,
            "log_tail": tail}, open(path, "w"), indent=2)
 EOF
-  if [ "$rc" -ne 0 ]; then echo "    FAILED (exit $rc): $(tail -n 3 "$log" | tr '\n' ' ')"; fi
+  if [ "$rc" -ne 0 ]; then echo "    FAILED (exit $rc): $(tail -n 3 "$log" | tr '\n' ' ')"; FAILED=$((FAILED + 1)); fi
 }
 
+FAILED=0
 for s in "${STEPS[@]}"; do run_step "$s"; done
 
 # --------------------------------------------------------------------------------------------------
@@ -139,3 +155,5 @@ if os.path.exists(p):
             print(f"  train batch {row['batch']}: time {row['time_ratio_vs_published']:.2f}x, "
                   f"memory {row['memory_ratio_vs_published']:.2f}x the published-semantics step")
 EOF
+summary_rc=$?
+if [ "$FAILED" -ne 0 ] || [ "$summary_rc" -ne 0 ]; then exit 1; fi

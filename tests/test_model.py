@@ -120,12 +120,26 @@ def test_learnable_beta_is_a_parameter():
     assert torch.allclose(beta.effective_beta().flatten(), torch.full((cfg.z_width,), 2.0), atol=1e-5)
 
 
-@needs_cpp
-def test_fast_path_matches_reference_path():
+# the fast path's backends: the C++ ops on CPU, the Triton kernels on CUDA (the GPU suite runs -m gpu)
+FAST_DEVICES = [pytest.param("cpu", marks=needs_cpp), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def fp32_convs():
+    """Full-fp32 convolutions on CUDA (PyTorch lets cuDNN use TF32 by default): the 0.01 px comparison is
+    of the fp32 paths, not of TF32 rounding."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("device", FAST_DEVICES)
+def test_fast_path_matches_reference_path(device, fp32_convs):
     """Same weights: fused solver + fused cell epilogues vs the plain PyTorch path."""
     cfg = LDEQConfig.small(backend="torch", rel_tol=1e-5, max_iters=30)
-    model = _contractive_model(cfg)
-    x = torch.randn(2, 3, 128, 128)
+    model = _contractive_model(cfg).to(device)
+    x = torch.randn(2, 3, 128, 128, device=device)
     with torch.no_grad():
         ref = model(x)
         model.cfg = cfg.replace(backend="auto")
@@ -141,15 +155,15 @@ def test_fast_path_matches_reference_path():
     assert all(p.grad is not None for p in model.deq_layer.cell.parameters())
 
 
-@needs_cpp
-def test_fast_path_under_bf16_autocast_keeps_fp32_state():
-    """bf16 autocast (the GPU recipe; CPU autocast here): convs in bf16, solver state and statistics fp32."""
+@pytest.mark.parametrize("device", FAST_DEVICES)
+def test_fast_path_under_bf16_autocast_keeps_fp32_state(device):
+    """bf16 autocast (the GPU recipe): convs in bf16, solver state and statistics fp32."""
     cfg = LDEQConfig.small(backend="auto", rel_tol=1e-4, max_iters=20)
-    model = _contractive_model(cfg)
-    x = torch.randn(2, 3, 128, 128)
+    model = _contractive_model(cfg).to(device)
+    x = torch.randn(2, 3, 128, 128, device=device)
     with torch.no_grad():
         ref = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             low = model(x)
     assert low.z_star.dtype == torch.float32 and low.keypoints.dtype == torch.float32
     assert torch.isfinite(low.keypoints).all()

@@ -19,7 +19,7 @@ from ldeq_fast.model.layers import (
     softargmax_normalize,
 )
 from ldeq_fast.model.recompute import EpilogueRecompute, recompute_stem
-from ldeq_fast.ops.heatmap import heatmap_keypoints
+from ldeq_fast.ops import heatmap as heatmap_ops  # a module reference: ops.heatmap imports model.layers
 
 
 @dataclass
@@ -112,7 +112,7 @@ class LDEQ(nn.Module):
     def keypoints_from_heatmaps(self, heat: torch.Tensor):
         """(keypoints, spread, published uncertainty) of heatmaps: the fused head on the fast path, the
         reference (``heatmaps_to_keypoints``) with backend 'torch'."""
-        return heatmap_keypoints(heat, backend=self.cfg.backend)
+        return heatmap_ops.heatmap_keypoints(heat, backend=self.cfg.backend)
 
     # ------------------------------------------------------------------ forward
     def cell_fn(self, injection: torch.Tensor):

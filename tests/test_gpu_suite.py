@@ -1,0 +1,41 @@
+"""bench/gpu_suite.sh end to end on the CPU (LDEQ_SUITE_SMOKE=1: toy sizes, no build step).
+
+GPU time is scarce and the suite runs there in one go, so every step's script, its JSON and the summary
+that reads the JSON are exercised here first; only the CUDA-specific branches are left for the GPU.
+"""
+import json
+import os
+import pathlib
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_smoke_run_on_cpu(tmp_path):
+    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    out = proc.stdout + proc.stderr
+    steps = sorted(p.name[len("step_"):-len(".json")] for p in tmp_path.glob("step_*.json"))
+    assert steps == sorted(["gpu_tests", "solver_bench", "model_bench", "model_gpu", "cellops", "profile",
+                            "train_bench", "torchdeq_adapter"]), out[-4000:]
+    failed = {s: json.loads((tmp_path / f"step_{s}.json").read_text())["log_tail"][-1500:] for s in steps
+              if not json.loads((tmp_path / f"step_{s}.json").read_text())["ok"]}
+    assert not failed, failed
+    assert proc.returncode == 0, out[-4000:]
+    # the summary read every result file
+    for line in ("gpu tests: {", "solver on", "model fast_bf16", "streaming batch 1 (eager)", "train batch 2:"):
+        assert line in proc.stdout, proc.stdout[-4000:]
+    gpu = json.loads((tmp_path / "model_gpu.json").read_text())
+    assert {r["path"] for r in gpu["rows"]} >= {"published_eager", "fast_fp32", "fast_bf16"}
+
+
+def test_gpu_suite_exit_status_counts_failed_steps(tmp_path):
+    # a step that does not exist fails like any other (exit 127): recorded, summarised, exit status 1
+    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               LDEQ_GPU_STEPS="no_such_step")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "step_no_such_step.json").read_text())["exit_code"] == 127
+    assert "no_such_step     FAILED (exit 127)" in proc.stdout

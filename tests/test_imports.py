@@ -1,0 +1,38 @@
+"""Every module of the package imports on its own in a fresh interpreter.
+
+Scripts import whichever module they need first (bench/bench_cellops.py starts at ldeq_fast.ops.heatmap), so
+an import cycle that only bites from one entry point would pass every test that happens to import the
+package in another order.
+"""
+import os
+import pathlib
+import subprocess
+import sys
+
+import ldeq_fast
+
+ROOT = pathlib.Path(ldeq_fast.__file__).resolve().parent
+
+
+def _modules():
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = ("ldeq_fast",) + path.relative_to(ROOT).with_suffix("").parts
+        yield ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_every_module_imports_first():
+    modules = list(_modules())
+    assert "ldeq_fast.ops.heatmap" in modules and "ldeq_fast.model.ldeq" in modules
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    failures, pending = {}, list(modules)
+    running = []
+    while pending or running:
+        while pending and len(running) < max(2, os.cpu_count() or 1):
+            name = pending.pop()
+            running.append((name, subprocess.Popen([sys.executable, "-c", f"import {name}"], env=env,
+                                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)))
+        name, proc = running.pop(0)
+        err = proc.communicate(timeout=300)[1]
+        if proc.returncode != 0:
+            failures[name] = err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"
+    assert not failures, f"modules that fail to import first: {failures}"
