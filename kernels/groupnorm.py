@@ -7,7 +7,7 @@ forward   1. partial moments per (image, spatial chunk, channel) tile, merged ov
              Chan's formula;
           2. per (image, group): mean of the partial means, then the sum of squared deviations
              (two passes over the small partial buffer, no cancellation);
-          3. elementwise out = (lrelu(x) - mean) * rstd * weight + bias.
+          3. elementwise out = (lrelu(x) - mean) * rstd * weight + bias [+ residual].
 backward  1. per (image, spatial chunk, channel): sums of g * (lrelu(x) - mean) and of g;
           2. small per-(image, channel) coefficient math in PyTorch;
           3. elementwise dx = (k1 * g + k2 * (lrelu(x) - mean) + k3) * lrelu'(x).
@@ -111,8 +111,8 @@ def _channel_index(offs, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _apply_kernel(x_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, total, C, HW, G, Cg, slope,
-                  CHANNELS_LAST: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
+def _apply_kernel(x_ptr, res_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, total, C, HW, G, Cg, slope,
+                  CHANNELS_LAST: tl.constexpr, HAS_RES: tl.constexpr, FP64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < total
     nc = _channel_index(offs, C, HW, CHANNELS_LAST)
@@ -128,6 +128,8 @@ def _apply_kernel(x_ptr, out_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, total, C, HW
     w = tl.load(w_ptr + c, mask=m, other=0.0)
     b = tl.load(b_ptr + c, mask=m, other=0.0)
     y = (_lrelu(x, slope) - mu) * (r * w) + b
+    if HAS_RES:
+        y += tl.load(res_ptr + offs, mask=m, other=0.0).to(y.dtype)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -211,9 +213,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def leaky_relu_group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
-                              eps: float, slope: float, out: torch.Tensor | None = None):
-    """(out, mean, rstd) of group_norm(leaky_relu(x)); mean/rstd are (N, num_groups) statistics."""
+                              eps: float, slope: float, residual: torch.Tensor | None = None,
+                              out: torch.Tensor | None = None):
+    """(out, mean, rstd) of group_norm(leaky_relu(x)) [+ residual]; mean/rstd are (N, num_groups) statistics."""
     channels_last = _layout(x)
+    if residual is not None and (residual.shape != x.shape or residual.stride() != x.stride()
+                                 or residual.dtype != x.dtype):
+        raise ValueError("leaky_relu_group_norm (triton): residual must match x in shape, strides and dtype")
     N, C, HW, block_c, block_s, n_cb, chunk, n_chunks, sn, sc, ss = _tiling(x)
     G = num_groups
     acc = stats_dtype(x.dtype)
@@ -238,8 +244,9 @@ def leaky_relu_group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch
     w = weight.to(acc).contiguous()
     b = bias.to(acc).contiguous()
     total = x.numel()
-    _apply_kernel[(triton.cdiv(total, _ELEM_BLOCK),)](x, out, mean, rstd, w, b, total, C, HW, G, Cg, slope,
-                                                      CHANNELS_LAST=channels_last, FP64=fp64, BLOCK=_ELEM_BLOCK)
+    _apply_kernel[(triton.cdiv(total, _ELEM_BLOCK),)](x, x if residual is None else residual, out, mean, rstd, w, b,
+                                                      total, C, HW, G, Cg, slope, CHANNELS_LAST=channels_last,
+                                                      HAS_RES=residual is not None, FP64=fp64, BLOCK=_ELEM_BLOCK)
     return out, mean, rstd
 
 

@@ -139,6 +139,48 @@ def test_optional_affine_and_strided_input():
     torch.testing.assert_close(out, gn.leaky_relu_group_norm_ref(x, None, None, 4, eps=1e-3, slope=0.2))
 
 
+def _check_residual(backend, device, dtype, channels_last, residual_layout_differs):
+    """out = group_norm(leaky_relu(x)) + residual in one op: values, and gradients of x, weight, bias and
+    the residual (its gradient is the output's) against the float64 eager composition."""
+    x, w, b, G, grad = _on(device, *_inputs((2, 6, 9, 7, 3), dtype, channels_last))
+    res = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device, dtype)
+    if channels_last != residual_layout_differs:
+        res = res.to(memory_format=torch.channels_last)
+
+    def run(fn, x, w, b, res):
+        x, w, b, res = (t.detach().clone().requires_grad_() for t in (x, w, b, res))
+        out = fn(x, w, b, G, residual=res)
+        out.backward(grad.to(out.dtype))
+        return out, x.grad, w.grad, b.grad, res.grad
+
+    got = run(lambda *a, **k: gn.leaky_relu_group_norm(*a, **k, backend=backend), x, w, b, res)
+    want = run(gn.leaky_relu_group_norm_ref, x.double(), w.double(), b.double(), res.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    _check_all(got[:4], want[:4], tol, x, w, G, grad)
+    assert torch.equal(got[4], grad.to(dtype))
+    assert got[0].stride() == x.stride()
+    with torch.no_grad():
+        direct = gn.leaky_relu_group_norm(x, w, b, G, residual=res, backend=backend)
+        assert torch.equal(direct, got[0])
+
+
+@needs_cpp
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("residual_layout_differs", [False, True], ids=["same", "other-layout"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cpp_residual(dtype, channels_last, residual_layout_differs, nan_empty):
+    _check_residual("cpp", "cpu", dtype, channels_last, residual_layout_differs)
+
+
+@needs_cpp
+def test_cpp_gradcheck_residual_fp64():
+    x, w, b, G, _ = _inputs((2, 4, 3, 3, 2), torch.float64, True)
+    res = torch.randn_like(x)
+    args = tuple(t.clone().requires_grad_() for t in (x, w, b, res))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, r: gn.leaky_relu_group_norm(x, w, b, G, residual=r, backend="cpp"), args)
+
+
 def test_torch_backend_is_the_reference():
     x, w, b, G, _ = _inputs((2, 6, 5, 5, 3), torch.float32, False)
     assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="torch"), F.group_norm(F.leaky_relu(x, 0.01), G, w, b))
@@ -201,13 +243,21 @@ def test_triton_bf16(triton_kernels):
     _check_all(got, _truth(x, w, b, G, grad), 2e-2, x, w, G, grad)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("residual_layout_differs", [False, True], ids=["same", "other-layout"])
+def test_triton_residual(channels_last, residual_layout_differs, triton_kernels, nan_empty):
+    _check_residual("triton", TRITON_DEVICE, torch.float32, channels_last, residual_layout_differs)
+
+
 def test_opcheck_triton(triton_kernels):
     # the registration (fake, autograd) is shared with the cpp backend and fully checked there; here the
     # Triton kernels are checked for schema conformance (no mutation/aliasing) and fake-tensor agreement
     utils = ("test_schema", "test_faketensor")
     x, w, b, G, grad = _on(TRITON_DEVICE, *_inputs((1, 4, 3, 3, 2), torch.float32, True))
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, "triton"), test_utils=utils)
+    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, None, "triton"), test_utils=utils)
+    res = torch.randn_like(x).requires_grad_()
+    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, res, "triton"), test_utils=utils)
     _, mean, rstd = triton_kernels.leaky_relu_group_norm_fwd(x, w, b, G, 1e-5, 0.01)
     torch.library.opcheck(gn._fused_backward, (grad.float(), x, w, mean, rstd, G, 0.01, "triton"), test_utils=utils)
 
@@ -216,11 +266,14 @@ def test_opcheck_triton(triton_kernels):
 def test_opcheck_cpp():
     x, w, b, G, grad = _inputs((2, 4, 3, 5, 2), torch.float32, False)
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, "cpp"))
+    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, None, "cpp"))
+    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, torch.randn_like(x).requires_grad_(), "cpp"))
     _, mean, rstd = torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, w, b, G, 1e-5, 0.01)
     torch.library.opcheck(gn._fused_backward, (grad.float(), x, w, mean, rstd, G, 0.01, "cpp"))
     xc = x.to(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.ldeq_fast.leaky_relu_group_norm_cpu.default, (xc, w, b, G, 1e-5, 0.01))
+    torch.library.opcheck(torch.ops.ldeq_fast.leaky_relu_group_norm_cpu.default,
+                          (xc, w, b, G, 1e-5, 0.01, torch.randn_like(xc)))
     torch.library.opcheck(torch.ops.ldeq_fast.leaky_relu_group_norm_backward_cpu.default,
                           (grad.float(), x, w, mean, rstd, G, 0.01))
 
@@ -261,6 +314,10 @@ def test_bad_inputs_raise_clear_errors(backend):
         gn.leaky_relu_group_norm(x, torch.ones(6, dtype=torch.int64), b, 2, backend=backend)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         gn.leaky_relu_group_norm(x, w, b, 2, eps=-1.0, backend=backend)
+    with pytest.raises(ValueError, match="residual must match x"):
+        gn.leaky_relu_group_norm(x, w, b, 2, residual=x[:1], backend=backend)
+    with pytest.raises(ValueError, match="residual must match x"):
+        gn.leaky_relu_group_norm(x, w, b, 2, residual=x.double(), backend=backend)
 
 
 @needs_cpp
@@ -270,3 +327,6 @@ def test_cpp_kernel_checks_its_arguments():
         torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, torch.ones(6), torch.zeros(6), 4, 1e-5, 0.01)
     with pytest.raises(RuntimeError, match="contiguous or channels_last"):
         torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x[:, :, :, ::2], torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01)
+    with pytest.raises(RuntimeError, match="residual must match x"):
+        torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01,
+                                                      x.to(memory_format=torch.channels_last))

@@ -172,6 +172,30 @@ def test_fast_path_under_bf16_autocast_keeps_fp32_state(device):
     assert (low.keypoints - ref.keypoints).abs().max() * cfg.heatmap_size < 0.3
 
 
+@needs_cpp
+def test_fast_cpu_inference_has_no_standalone_activation_adds():
+    """CPU fp32 inference: every sum over activations rides on another op (the oneDNN conv's add post-op,
+    the fused norm's residual), and no cell activation is re-laid out: such a pass costs a few percent of
+    the forward each (the profiler sees ops that oneDNN's fallbacks call internally)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = LDEQConfig.small(backend="auto", max_iters=2)
+    torch.manual_seed(0)
+    model = LDEQ(cfg).eval()
+    x = torch.randn(2, 3, 128, 128)
+    widths = {cfg.cell_base_width + i * cfg.cell_width_increment for i in range(5)}
+    with torch.no_grad():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            model(x)
+    adds = [(e.name, e.input_shapes[0]) for e in prof.events()
+            if e.name in ("aten::add", "aten::add_") and e.input_shapes and len(e.input_shapes[0]) == 4]
+    relayouts = [(e.name, e.input_shapes[0]) for e in prof.events()
+                 if e.name == "aten::clone" and e.input_shapes and len(e.input_shapes[0]) == 4
+                 and e.input_shapes[0][1] in widths and e.input_shapes[0][0] == 2]
+    assert not adds and not relayouts, (adds, relayouts)
+
+
 def test_torch_compile_of_the_model_runs_on_cpu():
     cfg = LDEQConfig.small(backend="auto", max_iters=3)
     torch.manual_seed(0)

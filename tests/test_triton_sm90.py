@@ -81,9 +81,10 @@ def test_groupnorm_kernels_compile_for_sm90(compile_sm90, fp):
     compile_sm90(gn._grad_sums_kernel, {"x_ptr": x, "g_ptr": x, "mean_ptr": st, "psdy_ptr": st, "psg_ptr": st,
                                         **floats}, {"FP64": fp64, "BLOCK_S": 64, "BLOCK_C": 32})
     for channels_last in (False, True):
-        compile_sm90(gn._apply_kernel, {"x_ptr": x, "out_ptr": x, "mean_ptr": st, "rstd_ptr": st, "w_ptr": st,
-                                        "b_ptr": st, "total": "i64", **floats},
-                     {"CHANNELS_LAST": channels_last, "FP64": fp64, "BLOCK": gn._ELEM_BLOCK})
+        for has_res in (False, True):
+            compile_sm90(gn._apply_kernel, {"x_ptr": x, "res_ptr": x, "out_ptr": x, "mean_ptr": st, "rstd_ptr": st,
+                                            "w_ptr": st, "b_ptr": st, "total": "i64", **floats},
+                         {"CHANNELS_LAST": channels_last, "HAS_RES": has_res, "FP64": fp64, "BLOCK": gn._ELEM_BLOCK})
         compile_sm90(gn._grad_apply_kernel, {"x_ptr": x, "g_ptr": x, "dx_ptr": x, "mu_ptr": st, "k1_ptr": st,
                                              "k2_ptr": st, "k3_ptr": st, "total": "i64", **floats},
                      {"CHANNELS_LAST": channels_last, "FP64": fp64, "BLOCK": gn._ELEM_BLOCK})

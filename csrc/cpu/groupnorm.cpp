@@ -236,10 +236,10 @@ struct Kernels {
     }
   }
 
-  // One vector of the elementwise pass:
-  //   forward (kGrad false): (lrelu(x) - mu) * k1 + k3
-  //   backward:              (k1 * g + k2 * (lrelu(x) - mu) + k3) * lrelu'(x), lrelu' = slope at x <= 0
-  template <bool kGrad>
+  // One vector of the elementwise pass (g: the incoming gradient in backward, the residual with kAdd):
+  //   forward:               (lrelu(x) - mu) * k1 + k3          [+ residual, kAdd]
+  //   backward (kGrad):      (k1 * g + k2 * (lrelu(x) - mu) + k3) * lrelu'(x), lrelu' = slope at x <= 0
+  template <bool kGrad, bool kAdd>
   static void elem(const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp, scalar_t* __restrict__ op,
                    int64_t m, const Vec& vs, const Vec& mu, const Vec& k1, const Vec& k2, const Vec& k3) {
     const Vec x = IO::load(xp, m);
@@ -248,13 +248,15 @@ struct Kernels {
     if constexpr (kGrad) {
       const Vec dy = at::vec::fmadd(k1, IO::load(gp, m), at::vec::fmadd(k2, yc, k3));
       IO::store(op, Vec::blendv(dy * vs, dy, pos), m);
+    } else if constexpr (kAdd) {
+      IO::store(op, at::vec::fmadd(yc, k1, k3) + IO::load(gp, m), m);
     } else {
       IO::store(op, at::vec::fmadd(yc, k1, k3), m);
     }
   }
 
   // Elementwise pass over the whole tensor with per-(n, c) coefficients (arrays of length N*C).
-  template <bool kGrad>
+  template <bool kGrad, bool kAdd = false>
   static void apply(const Shape& t, const scalar_t* __restrict__ xp, const scalar_t* __restrict__ gp,
                     scalar_t* __restrict__ op, acc_t slope, const acc_t* mu, const acc_t* k1, const acc_t* k2,
                     const acc_t* k3) {
@@ -270,7 +272,7 @@ struct Kernels {
           const Vec vmu(mu[row]), v1(k1[row]), v2(kGrad ? k2[row] : acc_t(0)), v3(k3[row]);
           const int64_t base = row * HW;
           for (int64_t i = s0; i < s1; i += kSize) {
-            elem<kGrad>(xp + base + i, kGrad ? gp + base + i : nullptr, op + base + i, std::min(kSize, s1 - i), vs,
+            elem<kGrad, kAdd>(xp + base + i, kGrad || kAdd ? gp + base + i : nullptr, op + base + i, std::min(kSize, s1 - i), vs,
                         vmu, v1, v2, v3);
           }
         }
@@ -288,7 +290,7 @@ struct Kernels {
             const int64_t off = (n * HW + r) * C;
             for (int64_t c = 0; c < C; c += kSize) {
               const int64_t m = std::min(kSize, C - c);
-              elem<kGrad>(xp + off + c, kGrad ? gp + off + c : nullptr, op + off + c, m, vs, Vec::loadu(mun + c, m),
+              elem<kGrad, kAdd>(xp + off + c, kGrad || kAdd ? gp + off + c : nullptr, op + off + c, m, vs, Vec::loadu(mun + c, m),
                           Vec::loadu(k1n + c, m), kGrad ? Vec::loadu(k2n + c, m) : zero, Vec::loadu(k3n + c, m));
             }
           }
@@ -427,14 +429,22 @@ at::ScalarType stats_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// out = group_norm(leaky_relu(x)) [+ residual]: the residual connection rides on the output pass
 std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_relu_group_norm_cpu(const at::Tensor& x,
                                                                          const at::Tensor& weight,
                                                                          const at::Tensor& bias,
                                                                          int64_t num_groups, double eps,
-                                                                         double slope) {
+                                                                         double slope,
+                                                                         const std::optional<at::Tensor>& residual) {
   require_vector_isa("leaky_relu_group_norm");
   check_inputs(x, weight, bias, num_groups);
   TORCH_CHECK(eps >= 0.0, "leaky_relu_group_norm: eps must be >= 0, got ", eps);
+  const bool add = residual.has_value();
+  if (add) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->strides() == x.strides() &&
+                    residual->scalar_type() == x.scalar_type() && residual->device() == x.device(),
+                "leaky_relu_group_norm: residual must match x in shape, strides, dtype and device");
+  }
   const Shape t(x, num_groups);
   const auto st = stats_type(x);
   auto out = at::empty_like(x);
@@ -461,8 +471,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_relu_group_norm_cpu(const a
         bb[n * t.C + c] = bp[c];
       }
     }
-    K::template apply<false>(t, x.const_data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), s, mu.data(),
-                             a.data(), nullptr, bb.data());
+    if (add) {
+      K::template apply<false, true>(t, x.const_data_ptr<scalar_t>(), residual->const_data_ptr<scalar_t>(),
+                                     out.data_ptr<scalar_t>(), s, mu.data(), a.data(), nullptr, bb.data());
+    } else {
+      K::template apply<false>(t, x.const_data_ptr<scalar_t>(), nullptr, out.data_ptr<scalar_t>(), s, mu.data(),
+                               a.data(), nullptr, bb.data());
+    }
   });
   return {out, mean, rstd};
 }
@@ -547,7 +562,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_relu_group_norm_backward_cp
 
 TORCH_LIBRARY_FRAGMENT(ldeq_fast, m) {
   m.def("leaky_relu_group_norm_cpu(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, "
-        "float slope) -> (Tensor, Tensor, Tensor)");
+        "float slope, Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
   m.def("leaky_relu_group_norm_backward_cpu(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, "
         "Tensor rstd, int num_groups, float slope) -> (Tensor, Tensor, Tensor)");
 }

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldeq_fast.model.recompute import remember, remember_sum
+from ldeq_fast.model.recompute import remember
 
 LEAKY_SLOPE = 0.01
 
@@ -34,26 +34,29 @@ class ConvBlock(nn.Module):
         else:
             raise ValueError(f"unknown norm {norm!r}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.epilogue(self.conv(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.epilogue(self.conv(x), residual)
 
-    def epilogue(self, out: torch.Tensor) -> torch.Tensor:
-        """LeakyReLU -> norm of a conv output."""
+    def epilogue(self, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """LeakyReLU -> norm of a conv output, plus ``residual`` when given (a residual connection around
+        the block: the fused op adds it in its output pass)."""
         if self.act and isinstance(self.norm, nn.GroupNorm) and self.epilogue_backend != "torch":
-            res = self._fused_epilogue(out, self.norm.weight, self.norm.bias)
-            remember(res, self._fused_epilogue, out, self.norm.weight, self.norm.bias)  # training: a recipe
+            res = self._fused_epilogue(out, self.norm.weight, self.norm.bias, residual)
+            # training: stored as a recipe (see recompute.py)
+            remember(res, self._fused_epilogue, out, self.norm.weight, self.norm.bias, residual)
             return res
         if self.act:
             out = F.leaky_relu(out, LEAKY_SLOPE)
         if self.norm is not None:
             out = self.norm(out)
-        return out
+        return out if residual is None else out + residual
 
-    def _fused_epilogue(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _fused_epilogue(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
         from ldeq_fast.ops.groupnorm import leaky_relu_group_norm
 
         return leaky_relu_group_norm(y, weight, bias, self.norm.num_groups, self.norm.eps, LEAKY_SLOPE,
-                                     backend=self.epilogue_backend)
+                                     residual=residual, backend=self.epilogue_backend)
 
     def conv_channels(self, x: torch.Tensor, start: int, stop: int, bias: bool, add: torch.Tensor | None = None,
                       add_in_place: bool = False) -> torch.Tensor:
@@ -67,6 +70,11 @@ class ConvBlock(nn.Module):
         if add is None:
             return F.conv2d(x, w, b)
         if _onednn_post_add_ok(x, w, add):
+            if add.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(
+                    memory_format=torch.channels_last):
+                # oneDNN fuses the add only with both operands in one format (else: conv, add, re-layout);
+                # the cell's z arrives in the solver's NCHW order
+                x = x.contiguous(memory_format=torch.channels_last)
             conv_add = torch.ops.mkldnn._convolution_pointwise_ if add_in_place else torch.ops.mkldnn._convolution_pointwise
             args = (add, x) if add_in_place else (x, add)
             return conv_add.binary(*args, w, b, [0, 0], [1, 1], [1, 1], 1, "add", None, None, [], None)
@@ -126,9 +134,7 @@ class Hourglass(nn.Module):
             else:
                 up = F.interpolate(low, scale_factor=2, mode="nearest")
                 fused = fuse(torch.cat((skip, up), 1))
-            same_out = same(fused)
-            out = same_out + fused
-            remember_sum(out, same_out, fused)  # training: recomputed from the two blocks' recipes
+            out = same(fused, residual=fused)
         return out
 
 

@@ -8,8 +8,8 @@ one tracked cell step's.  Two measures shrink them without changing any value:
   step's convolution work, and its high-resolution activations are a third of the eager path's memory.
 * ``EpilogueRecompute``: inside this context, each fused LeakyReLU -> GroupNorm output that an autograd
   node saves (the next conv's input, a pooling input) is stored as a recipe pointing at the conv output the
-  fused op already keeps, and recomputed from it when backward unpacks it; so is a residual sum of two
-  such outputs.  The recompute is one fused elementwise pass per block and per vector-Jacobian product,
+  fused op already keeps, and recomputed from it when backward unpacks it (a residual connection the fused
+  op adds is recomputed from the residual's own recipe).  The recompute is one fused elementwise pass per block and per vector-Jacobian product,
   small next to the convolutions.
 
 The recomputed tensors carry no graph, so double backward through them is refused with a clear error.
@@ -54,14 +54,18 @@ class EpilogueRecompute:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def remember(self, out: torch.Tensor, fn, *inputs) -> None:
-        """``out`` equals ``fn(*inputs)``; the input tensors are kept alive by the graph anyway, and an input
-        may be another output's recipe."""
-        inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in inputs)
+        """``out`` equals ``fn(*inputs)``.  An input that is itself a registered output is replaced by its
+        recipe (so it is not kept alive); the other input tensors are kept alive by the graph anyway."""
+        inputs = tuple(self._as_input(t) if isinstance(t, torch.Tensor) else t for t in inputs)
         self._recipes[id(out)] = (weakref.ref(out), _Recipe(fn, inputs))
 
     def recipe_of(self, t: torch.Tensor):
         entry = self._recipes.get(id(t))
         return entry[1] if entry is not None and entry[0]() is t else None
+
+    def _as_input(self, t: torch.Tensor):
+        recipe = self.recipe_of(t)
+        return t.detach() if recipe is None else recipe
 
     def _pack(self, t: torch.Tensor):
         recipe = self.recipe_of(t)
@@ -90,17 +94,6 @@ def remember(out: torch.Tensor, fn, *inputs: torch.Tensor) -> None:
     ctx = getattr(_active, "ctx", None)
     if ctx is not None and out.requires_grad:
         ctx.remember(out, fn, *inputs)
-
-
-def remember_sum(out: torch.Tensor, *parts: torch.Tensor) -> None:
-    """Register ``out = sum(parts)`` when every part is itself registered (a residual connection of two
-    recomputable block outputs): it is then recomputed from their recipes."""
-    ctx = getattr(_active, "ctx", None)
-    if ctx is None or not out.requires_grad:
-        return
-    recipes = [ctx.recipe_of(p) for p in parts]
-    if all(r is not None for r in recipes):
-        ctx.remember(out, lambda *xs: sum(xs[1:], xs[0]), *recipes)
 
 
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")

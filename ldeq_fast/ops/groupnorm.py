@@ -1,7 +1,10 @@
-"""Fused LeakyReLU -> GroupNorm: ``group_norm(leaky_relu(x, slope), num_groups, weight, bias, eps)``.
+"""Fused LeakyReLU -> GroupNorm: ``group_norm(leaky_relu(x, slope), num_groups, weight, bias, eps)``,
+optionally ``+ residual``.
 
 The model's ConvBlock normalises *after* the activation; fusing the two reads x once for the statistics
-and once for the output, and the backward recomputes the activation from x instead of keeping it.
+and once for the output, and the backward recomputes the activation from x instead of keeping it.  A
+residual connection after the block (the hourglass's ``same(y) + y``) is added in the output pass, which
+saves the separate add's three passes over memory; its gradient is the output's.
 
 Backends: 'cpp' (csrc/cpu/groupnorm.cpp, torch.ops.ldeq_fast.leaky_relu_group_norm_cpu and its
 backward), 'triton' (kernels/groupnorm.py; GPU, or CPU under TRITON_INTERPRET=1) and 'torch' (the
@@ -34,12 +37,14 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def leaky_relu_group_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                              num_groups: int, eps: float = 1e-5, slope: float = 0.01) -> torch.Tensor:
+                              num_groups: int, eps: float = 1e-5, slope: float = 0.01,
+                              residual: torch.Tensor | None = None) -> torch.Tensor:
     """The eager PyTorch composition (the oracle of the tests)."""
-    return F.group_norm(F.leaky_relu(x, slope), num_groups, weight, bias, eps)
+    out = F.group_norm(F.leaky_relu(x, slope), num_groups, weight, bias, eps)
+    return out if residual is None else out + residual
 
 
-def _check(x, weight, bias, num_groups, eps) -> None:
+def _check(x, weight, bias, num_groups, eps, residual=None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{_OP}: x must be a tensor, got {type(x).__name__}")
     if x.dtype not in DTYPES:
@@ -62,6 +67,13 @@ def _check(x, weight, bias, num_groups, eps) -> None:
             raise ValueError(f"{_OP}: {name} is on {p.device} but x is on {x.device}")
     if not eps >= 0.0:
         raise ValueError(f"{_OP}: eps must be >= 0, got {eps}")
+    if residual is not None:
+        if not isinstance(residual, torch.Tensor):
+            raise TypeError(f"{_OP}: residual must be a tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(f"{_OP}: residual must match x in shape, dtype and device: got "
+                             f"{tuple(residual.shape)} {residual.dtype} on {residual.device} for x "
+                             f"{tuple(x.shape)} {x.dtype} on {x.device}")
 
 
 def _dense(x: torch.Tensor) -> torch.Tensor:
@@ -70,21 +82,29 @@ def _dense(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` with exactly ``x``'s strides (the kernels address the residual through x's layout)."""
+    if t.stride() == x.stride():
+        return t
+    return t.new_empty_strided(x.shape, x.stride()).copy_(t)
+
+
 # --------------------------------------------------------------------------------------------------------
 # custom ops (backend-generic: the backend name is an argument, resolved before the call)
 
 @torch.library.custom_op("ldeq_fast::leaky_relu_group_norm", mutates_args=())
 def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, slope: float,
-           backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           residual: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "cpp":
-        return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, weight, bias, num_groups, eps, slope)
+        return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, weight, bias, num_groups, eps, slope, residual)
     if backend == "triton":
-        return load_triton_kernels("groupnorm").leaky_relu_group_norm_fwd(x, weight, bias, num_groups, eps, slope)
+        return load_triton_kernels("groupnorm").leaky_relu_group_norm_fwd(x, weight, bias, num_groups, eps, slope,
+                                                                          residual)
     raise ValueError(f"{_OP}: no fused kernel for backend {backend!r}")
 
 
 @_fused.register_fake
-def _(x, weight, bias, num_groups, eps, slope, backend):
+def _(x, weight, bias, num_groups, eps, slope, residual, backend):
     acc = stats_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(x.shape[0], num_groups, dtype=acc), \
         x.new_empty(x.shape[0], num_groups, dtype=acc)
@@ -109,24 +129,24 @@ def _(grad_out, x, weight, mean, rstd, num_groups, slope, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _bias, num_groups, _eps, slope, backend = inputs
+    x, weight, _bias, num_groups, _eps, slope, residual, backend = inputs
     _out, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.num_groups, ctx.slope, ctx.backend = num_groups, slope, backend
+    ctx.save_for_backward(x, weight, mean, rstd)  # not the residual: its gradient is grad_out itself
+    ctx.num_groups, ctx.slope, ctx.backend, ctx.has_residual = num_groups, slope, backend, residual is not None
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
     dx, dw, db = _fused_backward(grad_out, x, weight, mean, rstd, ctx.num_groups, ctx.slope, ctx.backend)
-    return dx, dw, db, None, None, None, None
+    return dx, dw, db, None, None, None, (grad_out if ctx.has_residual else None), None
 
 
 _fused.register_autograd(_backward, setup_context=_setup_context)
 
 if "cpp" in SUPPORTS:
     @torch.library.register_fake("ldeq_fast::leaky_relu_group_norm_cpu")
-    def _(x, weight, bias, num_groups, eps, slope):
+    def _(x, weight, bias, num_groups, eps, slope, residual=None):
         acc = stats_dtype(x.dtype)
         return torch.empty_like(x), x.new_empty(x.shape[0], num_groups, dtype=acc), \
             x.new_empty(x.shape[0], num_groups, dtype=acc)
@@ -141,13 +161,14 @@ if "cpp" in SUPPORTS:
 
 def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                           num_groups: int, eps: float = 1e-5, slope: float = 0.01, *,
-                          backend: str | None = None) -> torch.Tensor:
-    """``F.group_norm(F.leaky_relu(x, slope), num_groups, weight, bias, eps)`` in one fused op.
+                          residual: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """``F.group_norm(F.leaky_relu(x, slope), num_groups, weight, bias, eps) [+ residual]`` in one fused op.
 
     x: (N, C, H, W) float32 / float64 / bfloat16 / float16, NCHW-contiguous or channels_last (the output
-    keeps the memory format).  weight, bias: (C,) or None (then 1 / 0).  Differentiable in x, weight and
-    bias.  ``backend`` ('auto' | 'torch' | 'triton' | 'cpp'; default: env LDEQ_FAST_BACKEND, else auto)
-    picks the kernel via ``pick_backend``.
+    keeps the memory format).  weight, bias: (C,) or None (then 1 / 0).  residual: None or a tensor of x's
+    shape and dtype, added in the output pass.  Differentiable in x, weight, bias and residual.
+    ``backend`` ('auto' | 'torch' | 'triton' | 'cpp'; default: env LDEQ_FAST_BACKEND, else auto) picks the
+    kernel via ``pick_backend``.
     """
     if isinstance(x, torch.Tensor) and x.dim() >= 2:
         C = x.shape[1]
@@ -155,12 +176,15 @@ def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: to
             weight = torch.ones(C, device=x.device, dtype=stats_dtype(x.dtype))
         if bias is None:
             bias = torch.zeros(C, device=x.device, dtype=stats_dtype(x.dtype))
-    _check(x, weight, bias, num_groups, eps)
+    _check(x, weight, bias, num_groups, eps, residual)
     chosen = pick_backend(x, backend, SUPPORTS)
     if chosen == "torch":
-        return leaky_relu_group_norm_ref(x, weight, bias, num_groups, eps, slope)
-    args = (_dense(x), weight, bias, int(num_groups), float(eps), float(slope))
-    if direct_call_ok(x, weight, bias):
+        return leaky_relu_group_norm_ref(x, weight, bias, num_groups, eps, slope, residual)
+    x = _dense(x)
+    if residual is not None:
+        residual = _like(residual, x)
+    args = (x, weight, bias, int(num_groups), float(eps), float(slope), residual)
+    if direct_call_ok(x, weight, bias, residual):
         if chosen == "cpp":
             return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(*args)[0]
         return load_triton_kernels("groupnorm").leaky_relu_group_norm_fwd(*args)[0]
