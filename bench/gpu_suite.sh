@@ -16,7 +16,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the GPU image's interpreter is python3 (no plain `python` there)
 SMOKE=${LDEQ_SUITE_SMOKE:-0}
 DEV=cuda
 if [ "$SMOKE" = 1 ]; then DEV=cpu; fi
@@ -62,7 +62,7 @@ step_model_gpu() {
   # published-semantics eager vs torch.compile(reference, max-autotune) vs fast fp32 / bf16 at batch 32,
   # and streaming batch 1 (2 cell evaluations per frame) with the CUDA-graph forward
   $PY bench/bench_model_gpu.py --device $DEV --batch 32 --repeats 5 --json "$OUT/model_gpu.json" \
-    $(smoke --small --no-compile --batch 2 --repeats 1 --stream-frames 4) &&
+    $(smoke --small --batch 2 --repeats 1 --stream-frames 4) &&
     $PY bench/bf16_agreement.py --device $DEV --json "$OUT/bf16_agreement_cuda.json" $(smoke --images 2)
 }
 
@@ -84,18 +84,28 @@ step_torchdeq_adapter() {
 }
 
 # LDEQ_GPU_STEPS="gpu_tests solver_bench" runs a subset (e.g. when the extension is already built)
-ALL_STEPS="build gpu_tests solver_bench model_bench model_gpu cellops profile train_bench torchdeq_adapter"
+# most wanted first: a lease that runs out part way still returns the figures that matter most
+ALL_STEPS="build gpu_tests model_gpu profile train_bench model_bench cellops solver_bench torchdeq_adapter"
 if [ "$SMOKE" = 1 ]; then ALL_STEPS=${ALL_STEPS#build }; fi
 read -r -a STEPS <<<"${LDEQ_GPU_STEPS:-$ALL_STEPS}"
 
 # --------------------------------------------------------------------------------------------------
 # runner: every step gets a log and a status JSON; failures do not stop the suite
 
+# LDEQ_STEP_TIMEOUT=SECONDS bounds each step (exit 124 when it runs out; the next step still runs), so one
+# slow step (a max-autotune build) cannot spend a whole GPU lease
+export OUT PY DEV SMOKE
+export -f smoke $(compgen -A function step_)
+
 run_step() {
   local name=$1 log="$OUT/$1.log" start rc
   echo "=== step $name (log: $log)"
   start=$(date +%s)
-  "step_$name" >"$log" 2>&1
+  if [ -n "${LDEQ_STEP_TIMEOUT:-}" ]; then
+    timeout --kill-after=15 "$LDEQ_STEP_TIMEOUT" bash -c "step_$name" >"$log" 2>&1
+  else
+    "step_$name" >"$log" 2>&1
+  fi
   rc=$?
   $PY - "$OUT/step_$name.json" "$name" "$rc" "$(($(date +%s) - start))" "$log" <<'EOF'
 import json, sys
@@ -104,6 +114,7 @@ tail = open(log, errors="replace").read()[-3000:]
 json.dump({"step": name, "exit_code": int(rc), "ok": rc == "0", "seconds": int(secs), "log": log,
            "log_tail": tail}, open(path, "w"), indent=2)
 EOF
+  if [ "$rc" -eq 124 ]; then echo "    TIMED OUT after ${LDEQ_STEP_TIMEOUT}s"; fi
   if [ "$rc" -ne 0 ]; then echo "    FAILED (exit $rc): $(tail -n 3 "$log" | tr '\n' ' ')"; FAILED=$((FAILED + 1)); fi
 }
 
@@ -147,6 +158,13 @@ if os.path.exists(p):
               f"  dkpt {row['max_kpt_diff_px_vs_fast_fp32']:.3f} px")
     for name, s in r["streaming_batch1"].items():
         print(f"  streaming batch 1 ({name}): {s['ms_per_frame']:.3f} ms/frame")
+    if isinstance(r.get("compiled"), dict):
+        print(f"  torch.compile(reference, max-autotune) built in {r['compiled']['compile_s']:.0f} s; side by side:")
+        for row in r["compiled"]["rows"]:
+            print(f"  model {row['path']:<34} {row['images_per_s']:8.1f} img/s  "
+                  f"{row['speedup_vs_compiled_reference']:.2f}x compiled")
+    else:
+        print(f"  torch.compile comparison: {r.get('compiled')}")
 p = os.path.join(out, "train_cuda.json")
 if os.path.exists(p):
     r = json.load(open(p))

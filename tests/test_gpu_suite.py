@@ -24,10 +24,12 @@ def test_gpu_suite_smoke_run_on_cpu(tmp_path):
     assert not failed, failed
     assert proc.returncode == 0, out[-4000:]
     # the summary read every result file
-    for line in ("gpu tests: {", "solver on", "model fast_bf16", "streaming batch 1 (eager)", "train batch 2:"):
+    for line in ("gpu tests: {", "solver on", "model fast_bf16", "streaming batch 1 (eager)", "train batch 2:",
+                 "1.00x compiled"):
         assert line in proc.stdout, proc.stdout[-4000:]
     gpu = json.loads((tmp_path / "model_gpu.json").read_text())
     assert {r["path"] for r in gpu["rows"]} >= {"published_eager", "fast_fp32", "fast_bf16"}
+    assert {r["path"] for r in gpu["compiled"]["rows"]} >= {"reference_compiled_max_autotune", "fast_bf16"}
 
 
 def test_gpu_suite_exit_status_counts_failed_steps(tmp_path):
@@ -39,3 +41,15 @@ def test_gpu_suite_exit_status_counts_failed_steps(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert json.loads((tmp_path / "step_no_such_step.json").read_text())["exit_code"] == 127
     assert "no_such_step     FAILED (exit 127)" in proc.stdout
+
+
+def test_gpu_suite_step_timeout(tmp_path):
+    # LDEQ_STEP_TIMEOUT bounds each step: the slow one is stopped (exit 124) and the next one still runs
+    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="",
+               LDEQ_GPU_STEPS="train_bench solver_bench", LDEQ_STEP_TIMEOUT="2")
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "step_train_bench.json").read_text())["exit_code"] == 124
+    assert "TIMED OUT" in proc.stdout
+    assert (tmp_path / "step_solver_bench.json").exists()
