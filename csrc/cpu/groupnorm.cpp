@@ -272,8 +272,8 @@ struct Kernels {
           const Vec vmu(mu[row]), v1(k1[row]), v2(kGrad ? k2[row] : acc_t(0)), v3(k3[row]);
           const int64_t base = row * HW;
           for (int64_t i = s0; i < s1; i += kSize) {
-            elem<kGrad, kAdd>(xp + base + i, kGrad || kAdd ? gp + base + i : nullptr, op + base + i, std::min(kSize, s1 - i), vs,
-                        vmu, v1, v2, v3);
+            elem<kGrad, kAdd>(xp + base + i, kGrad || kAdd ? gp + base + i : nullptr, op + base + i,
+                              std::min(kSize, s1 - i), vs, vmu, v1, v2, v3);
           }
         }
       });
@@ -290,8 +290,9 @@ struct Kernels {
             const int64_t off = (n * HW + r) * C;
             for (int64_t c = 0; c < C; c += kSize) {
               const int64_t m = std::min(kSize, C - c);
-              elem<kGrad, kAdd>(xp + off + c, kGrad || kAdd ? gp + off + c : nullptr, op + off + c, m, vs, Vec::loadu(mun + c, m),
-                          Vec::loadu(k1n + c, m), kGrad ? Vec::loadu(k2n + c, m) : zero, Vec::loadu(k3n + c, m));
+              elem<kGrad, kAdd>(xp + off + c, kGrad || kAdd ? gp + off + c : nullptr, op + off + c, m, vs,
+                                Vec::loadu(mun + c, m), Vec::loadu(k1n + c, m),
+                                kGrad ? Vec::loadu(k2n + c, m) : zero, Vec::loadu(k3n + c, m));
             }
           }
         }

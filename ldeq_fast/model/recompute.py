@@ -9,8 +9,8 @@ one tracked cell step's.  Two measures shrink them without changing any value:
 * ``EpilogueRecompute``: inside this context, each fused LeakyReLU -> GroupNorm output that an autograd
   node saves (the next conv's input, a pooling input) is stored as a recipe pointing at the conv output the
   fused op already keeps, and recomputed from it when backward unpacks it (a residual connection the fused
-  op adds is recomputed from the residual's own recipe).  The recompute is one fused elementwise pass per block and per vector-Jacobian product,
-  small next to the convolutions.
+  op adds is recomputed from the residual's own recipe).  The recompute is one fused elementwise pass per
+  block and per vector-Jacobian product, small next to the convolutions.
 
 The recomputed tensors carry no graph, so double backward through them is refused with a clear error.
 """
