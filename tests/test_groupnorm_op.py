@@ -330,3 +330,14 @@ def test_cpp_kernel_checks_its_arguments():
     with pytest.raises(RuntimeError, match="residual must match x"):
         torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01,
                                                       x.to(memory_format=torch.channels_last))
+
+
+@needs_cpp
+def test_stale_extension_is_detected_by_op_schema():
+    """An extension built before an op gained an argument (the residual) is reported and not used, rather than
+    failing with a schema error at the first call."""
+    from ldeq_fast.ops import cpp_ops_present
+
+    assert cpp_ops_present("leaky_relu_group_norm_cpu(residual)")
+    with pytest.warns(RuntimeWarning, match="rebuild it"):
+        assert not cpp_ops_present("leaky_relu_group_norm_cpu(residual,an_argument_from_the_future)")

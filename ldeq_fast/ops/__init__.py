@@ -96,10 +96,19 @@ def load_triton_kernels(name: str):
 
 def cpp_ops_present(*names: str) -> bool:
     """True when ldeq_fast._C is loaded and registers every op in ``names``; warns (once) when the
-    extension is loaded but predates them (rebuild it)."""
+    extension is loaded but predates them (rebuild it).  A name may require arguments of the op's current
+    schema: ``"op(arg1,arg2)"``."""
     if not _ext.has_cpp():
         return False
-    missing = [n for n in names if not hasattr(torch.ops.ldeq_fast, n)]
+
+    def present(spec: str) -> bool:
+        name, _, args = spec.partition("(")
+        if not hasattr(torch.ops.ldeq_fast, name):
+            return False
+        have = {a.name for a in getattr(torch.ops.ldeq_fast, name).default._schema.arguments}
+        return all(a in have for a in args.rstrip(")").split(",") if a)
+
+    missing = [n for n in names if not present(n)]
     if missing:
         _ext.warn_once(f"stale-{missing[0]}", f"ldeq_fast._C lacks {missing} (built from older sources); "
                        "rebuild it: `python setup.py build_ext --inplace`.  Using the other backends.")

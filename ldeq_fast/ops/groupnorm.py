@@ -27,7 +27,7 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _OP = "leaky_relu_group_norm"
 
 
-_CPP_OPS = ("leaky_relu_group_norm_cpu", "leaky_relu_group_norm_backward_cpu")
+_CPP_OPS = ("leaky_relu_group_norm_cpu(residual)", "leaky_relu_group_norm_backward_cpu")
 SUPPORTS = ("triton", "cpp") if cpp_ops_present(*_CPP_OPS) else ("triton",)
 
 
