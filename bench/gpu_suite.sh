@@ -165,6 +165,14 @@ if os.path.exists(p):
                   f"{row['speedup_vs_compiled_reference']:.2f}x compiled")
     else:
         print(f"  torch.compile comparison: {r.get('compiled')}")
+p = os.path.join(out, "bf16_agreement_cuda.json")
+if os.path.exists(p):
+    r = json.load(open(p))["bf16_vs_fp32_px"]
+    print(f"  bf16 vs fp32 keypoints (demo model): mean {r['mean']:.4f}, p99 {r['p99']:.4f}, max {r['max']:.4f} px")
+p = os.path.join(out, "profile_cuda_b32.json")
+if os.path.exists(p):
+    for name, r in json.load(open(p))["paths"].items():
+        print(f"  {name}: convolutions {r['conv_share']:.1%} of {r['total_ms']:.1f} ms device time")
 p = os.path.join(out, "train_cuda.json")
 if os.path.exists(p):
     r = json.load(open(p))

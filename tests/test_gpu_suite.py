@@ -25,7 +25,7 @@ def test_gpu_suite_smoke_run_on_cpu(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     # the summary read every result file
     for line in ("gpu tests: {", "solver on", "model fast_bf16", "streaming batch 1 (eager)", "train batch 2:",
-                 "1.00x compiled"):
+                 "1.00x compiled", "bf16 vs fp32 keypoints", "fast: convolutions"):
         assert line in proc.stdout, proc.stdout[-4000:]
     gpu = json.loads((tmp_path / "model_gpu.json").read_text())
     assert {r["path"] for r in gpu["rows"]} >= {"published_eager", "fast_fp32", "fast_bf16"}
