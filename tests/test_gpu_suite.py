@@ -11,16 +11,24 @@ import subprocess
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _run_suite(out_dir, timeout: int, **env) -> subprocess.CompletedProcess:
+    """bench/gpu_suite.sh in smoke mode on the CPU, results under ``out_dir``; ``env`` adds variables."""
+    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(out_dir), CUDA_VISIBLE_DEVICES="", **env)
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _step(out_dir, name: str) -> dict:
+    return json.loads((out_dir / f"step_{name}.json").read_text())
+
+
 def test_gpu_suite_smoke_run_on_cpu(tmp_path):
-    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = _run_suite(tmp_path, 900)
     out = proc.stdout + proc.stderr
     steps = sorted(p.name[len("step_"):-len(".json")] for p in tmp_path.glob("step_*.json"))
     assert steps == sorted(["gpu_tests", "solver_bench", "model_bench", "model_gpu", "cellops", "profile",
                             "train_bench", "torchdeq_adapter"]), out[-4000:]
-    failed = {s: json.loads((tmp_path / f"step_{s}.json").read_text())["log_tail"][-1500:] for s in steps
-              if not json.loads((tmp_path / f"step_{s}.json").read_text())["ok"]}
+    failed = {s: _step(tmp_path, s)["log_tail"][-1500:] for s in steps if not _step(tmp_path, s)["ok"]}
     assert not failed, failed
     assert proc.returncode == 0, out[-4000:]
     # the summary read every result file
@@ -34,22 +42,16 @@ def test_gpu_suite_smoke_run_on_cpu(tmp_path):
 
 def test_gpu_suite_exit_status_counts_failed_steps(tmp_path):
     # a step that does not exist fails like any other (exit 127): recorded, summarised, exit status 1
-    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               LDEQ_GPU_STEPS="no_such_step")
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = _run_suite(tmp_path, 120, LDEQ_GPU_STEPS="no_such_step")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert json.loads((tmp_path / "step_no_such_step.json").read_text())["exit_code"] == 127
+    assert _step(tmp_path, "no_such_step")["exit_code"] == 127
     assert "no_such_step     FAILED (exit 127)" in proc.stdout
 
 
 def test_gpu_suite_step_timeout(tmp_path):
     # LDEQ_STEP_TIMEOUT bounds each step: the slow one is stopped (exit 124) and the next one still runs
-    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(tmp_path), CUDA_VISIBLE_DEVICES="",
-               LDEQ_GPU_STEPS="train_bench solver_bench", LDEQ_STEP_TIMEOUT="2")
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = _run_suite(tmp_path, 300, LDEQ_GPU_STEPS="train_bench solver_bench", LDEQ_STEP_TIMEOUT="2")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert json.loads((tmp_path / "step_train_bench.json").read_text())["exit_code"] == 124
+    assert _step(tmp_path, "train_bench")["exit_code"] == 124
     assert "TIMED OUT" in proc.stdout
     assert (tmp_path / "step_solver_bench.json").exists()
