@@ -44,14 +44,14 @@ def _mix_kernel(F_ptr, G_ptr, alpha_ptr, flags_ptr, x_ptr, best_ptr, B, D, m, sl
             tl.store(x_ptr + b64 * D + offs, acc.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-def anderson_mix_triton(F: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor, flags: torch.Tensor, x: torch.Tensor,
-                        best: torch.Tensor, slot: int, n: int, beta: float, mix: bool,
-                        block: int | None = None) -> None:
+def anderson_mix(F: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor, flags: torch.Tensor, x: torch.Tensor,
+                 best: torch.Tensor, slot: int, n: int, beta: float, mix: bool,
+                 block: int | None = None) -> None:
     """Launch the mix; arguments are validated by the caller (ldeq_fast.ops.anderson)."""
     B, D = x.shape
     m = F.shape[1]
     if m * D >= 2**31:
-        raise ValueError(f"anderson_mix_triton: m * D = {m * D} overflows the kernel's 32-bit in-sample offsets")
+        raise ValueError(f"anderson_mix (triton): m * D = {m * D} overflows the kernel's 32-bit in-sample offsets")
     BLOCK = block or pick_block(D)
     _mix_kernel[(B, triton.cdiv(D, BLOCK))](F, G, alpha, flags, x, best, B, D, m, slot, n, 1.0 - float(beta),
                                             MIX=bool(mix), USE_G=float(beta) != 1.0, BLOCK=BLOCK,

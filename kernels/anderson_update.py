@@ -67,14 +67,14 @@ def _update_reduce_kernel(part_ptr, active_ptr, gram_ptr, norms_ptr, m, slot, n,
     tl.store(norms_ptr + b64 * 2 + 1, ff.to(norms_ptr.dtype.element_ty))
 
 
-def anderson_update_triton(fx: torch.Tensor, x: torch.Tensor, F: torch.Tensor, G: torch.Tensor,
-                           gram: torch.Tensor, active: torch.Tensor, slot: int, n: int,
-                           block: int | None = None) -> torch.Tensor:
+def anderson_update(fx: torch.Tensor, x: torch.Tensor, F: torch.Tensor, G: torch.Tensor,
+                    gram: torch.Tensor, active: torch.Tensor, slot: int, n: int,
+                    block: int | None = None) -> torch.Tensor:
     """Launch the update; arguments are validated by the caller (ldeq_fast.ops.anderson)."""
     B, D = x.shape
     m = F.shape[1]
     if m * D >= 2**31:
-        raise ValueError(f"anderson_update_triton: m * D = {m * D} overflows the kernel's 32-bit in-sample offsets")
+        raise ValueError(f"anderson_update (triton): m * D = {m * D} overflows the kernel's 32-bit in-sample offsets")
     BLOCK = block or pick_block(D)
     nblk = triton.cdiv(D, BLOCK)
     part = torch.empty(B, nblk, m + 1, dtype=torch.float64, device=x.device)

@@ -185,9 +185,7 @@ def _block(HW: int) -> int:
     return min(_MAX_BLOCK, triton.next_power_of_2(HW))
 
 
-def head_forward(h: torch.Tensor, beta: torch.Tensor | None, with_exp: bool, with_keypoints: bool):
-    """(hm, hmax, kpts, spread, published, mass), None for the outputs not asked for.  h: contiguous
-    (B, K, H, W) float32/float64; beta: (K,) of h's dtype when ``with_exp``."""
+def _launch_forward(h: torch.Tensor, beta: torch.Tensor | None, with_exp: bool, with_keypoints: bool):
     B, K, H, W = h.shape
     hm = torch.empty_like(h) if with_exp else None
     hmax = h.new_empty(B, K) if with_exp else None
@@ -203,24 +201,34 @@ def head_forward(h: torch.Tensor, beta: torch.Tensor | None, with_exp: bool, wit
     return hm, hmax, kpts, spread, published, mass
 
 
-def head_backward(g_hm, h, beta, hm, hmax, g_kpts=None, g_spread=None, g_published=None, kpts=None, spread=None,
-                  published=None, mass=None):
-    """(dh, dbeta) of hm = exp(beta * (h - max h)), plus the keypoint outputs' gradients when given."""
+def softargmax_heatmaps(h: torch.Tensor, beta: torch.Tensor):
+    """(hm, hmax): hm = exp(beta * (h - max h)) per map.  h: contiguous (B, K, H, W) float32/float64;
+    beta: (K,) of h's dtype."""
+    hm, hmax, *_ = _launch_forward(h, beta, True, False)
+    return hm, hmax
+
+
+def softargmax_heatmaps_backward(g_hm, h, beta, hm, hmax):
+    """(dh, dbeta) of hm = exp(beta * (h - max h))."""
     B, K, H, W = h.shape
-    with_kp = g_kpts is not None
     dh = torch.empty_like(h)
     dbeta_part = h.new_empty(B, K)
     if h.numel() > 0:
         dummy = h.new_empty(1)
-        kp_args = (g_kpts, g_spread, g_published, kpts, spread, published, mass) if with_kp else (dummy,) * 7
-        _head_bwd_kernel[(B * K,)](g_hm.contiguous(), h, beta, hm, hmax, *kp_args, dh, dbeta_part, K, H, W, MASS_EPS,
-                                   EXP=True, KEYPOINTS=with_kp, FP64=h.dtype == torch.float64, BLOCK=_block(H * W))
+        _head_bwd_kernel[(B * K,)](g_hm.contiguous(), h, beta, hm, hmax, *(dummy,) * 7, dh, dbeta_part, K, H, W,
+                                   MASS_EPS, EXP=True, KEYPOINTS=False, FP64=h.dtype == torch.float64,
+                                   BLOCK=_block(H * W))
     else:
         dbeta_part.zero_()
     return dh, dbeta_part.sum(0).to(beta.dtype)
 
 
-def keypoints_backward(g_kpts, g_spread, g_published, hm, kpts, spread, published, mass):
+def heatmap_keypoints(hm: torch.Tensor):
+    """(kpts, spread, published, mass) of contiguous (B, K, H, W) float32/float64 heatmaps."""
+    return _launch_forward(hm, None, False, True)[2:]
+
+
+def heatmap_keypoints_backward(g_kpts, g_spread, g_published, hm, kpts, spread, published, mass):
     """dhm of (keypoints, spread, published) = heatmap_keypoints(hm)."""
     B, K, H, W = hm.shape
     dhm = torch.empty_like(hm)

@@ -2,7 +2,7 @@
 
 'torch' runs the engine on the ops' PyTorch references, 'cpp' on the C++ kernels (skipped if the
 extension is not built), 'triton' on the Triton kernels under TRITON_INTERPRET=1 in a child process (started by
-tests/test_anderson_ops.py::test_triton_suite_in_interpreter), CUDA-device tests only with a GPU.
+tests/test_anderson.py::test_triton_suite_in_interpreter), CUDA-device tests only with a GPU.
 """
 import os
 
@@ -41,7 +41,7 @@ def backend(request):
         pytest.importorskip("triton")
         if not INTERPRETED:
             pytest.skip("runs in the TRITON_INTERPRET=1 child process started by "
-                        "tests/test_anderson_ops.py::test_triton_suite_in_interpreter")
+                        "tests/test_anderson.py::test_triton_suite_in_interpreter")
     return {"torch-ops": "torch", "cpp": "cpp", "triton": "triton"}[request.param]
 
 
@@ -58,7 +58,7 @@ def fused_solve(f, z0, backend, method="anderson", damping=1.0, **kw):
 @pytest.fixture(params=["torch-ops", "cpp"])
 def logic_backend(request):
     """For tests of the engine's logic, which does not depend on the kernels: the Triton ops are
-    checked against the same references in tests/test_anderson_ops.py, and the interpreter is slow."""
+    checked against the same references in tests/test_anderson.py, and the interpreter is slow."""
     if request.param == "cpp" and not _ext.has_cpp():
         pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
     return {"torch-ops": "torch", "cpp": "cpp"}[request.param]

@@ -47,7 +47,7 @@ def test_anderson_kernels_compile_for_sm90(compile_sm90, fp):
     import triton.language as tl
 
     mix = load_triton_kernels("anderson_mix")
-    sol = load_triton_kernels("anderson_solve")
+    sol = load_triton_kernels("anderson_step")
     upd = load_triton_kernels("anderson_update")
     p = f"*{fp}"
     acc = tl.float64 if fp == "fp64" else tl.float32
@@ -69,7 +69,7 @@ def test_anderson_kernels_compile_for_sm90(compile_sm90, fp):
 # the activation dtypes the fused LeakyReLU -> GroupNorm sees: fp32, autocast's bf16/fp16, float64 in tests
 @pytest.mark.parametrize("fp", ["fp32", "bf16", "fp16", "fp64"])
 def test_groupnorm_kernels_compile_for_sm90(compile_sm90, fp):
-    gn = load_triton_kernels("groupnorm")
+    gn = load_triton_kernels("leaky_relu_group_norm")
     x = f"*{fp}"
     fp64 = fp == "fp64"
     st = "*fp64" if fp64 else "*fp32"  # statistics dtype

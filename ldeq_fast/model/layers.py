@@ -15,7 +15,7 @@ class ConvBlock(nn.Module):
     """conv (bias, same padding) -> LeakyReLU(0.01) -> norm.  The norm comes *after* the activation.
 
     ``epilogue_backend``: 'torch' runs the eager ops; any other backend runs LeakyReLU -> GroupNorm as one
-    fused op (ldeq_fast/ops/groupnorm.py).  LDEQ sets it from its config (the model's fast-path switch).
+    fused op (ldeq_fast/ops/leaky_relu_group_norm.py).  LDEQ sets it from its config (the model's fast-path switch).
     """
 
     epilogue_backend = "torch"
@@ -53,7 +53,7 @@ class ConvBlock(nn.Module):
 
     def _fused_epilogue(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         residual: torch.Tensor | None = None) -> torch.Tensor:
-        from ldeq_fast.ops.groupnorm import leaky_relu_group_norm
+        from ldeq_fast.ops.leaky_relu_group_norm import leaky_relu_group_norm
 
         return leaky_relu_group_norm(y, weight, bias, self.norm.num_groups, self.norm.eps, LEAKY_SLOPE,
                                      residual=residual, backend=self.epilogue_backend)

@@ -72,26 +72,38 @@ def pick_backend(t: torch.Tensor, backend: str | None = None, supports: tuple = 
     return "torch"
 
 
-def load_triton_kernels(name: str):
-    """The Triton kernel module ``ldeq_fast.kernels.<name>``.  In a source checkout that was not
-    installed, ``kernels/`` (mapped onto ``ldeq_fast.kernels`` by setup.py) is loaded from beside the
-    package under the same module name."""
-    full = f"ldeq_fast.kernels.{name}"
-    if full in sys.modules:
-        return sys.modules[full]
-    try:
-        return importlib.import_module(full)
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("ldeq_fast.kernels", full):
-            raise
-    path = pathlib.Path(__file__).resolve().parents[2] / "kernels" / f"{name}.py"
-    if not path.is_file():
-        raise ModuleNotFoundError(f"Triton kernels {full!r} are not installed and {path} does not exist")
-    spec = importlib.util.spec_from_file_location(full, path)
+_PKG = pathlib.Path(__file__).resolve().parents[1]  # the imported ldeq_fast package
+
+
+def _kernels_package():
+    """The package ``ldeq_fast.kernels``.  An install maps ``kernels/`` onto it (setup.py); a source checkout
+    used without installing it (PYTHONPATH=checkout, e.g. on a GPU machine with LDEQ_FAST_NO_EXT=1) has
+    ``kernels/`` beside the package instead, which is then registered under the same name, so the kernel
+    modules import each other the same way in both cases."""
+    name = "ldeq_fast.kernels"
+    if name in sys.modules:
+        return sys.modules[name]
+    beside = _PKG.parent / "kernels" / "__init__.py"
+    if (_PKG / "kernels" / "__init__.py").is_file() or not beside.is_file():
+        return importlib.import_module(name)
+    spec = importlib.util.spec_from_file_location(name, beside, submodule_search_locations=[str(beside.parent)])
     module = importlib.util.module_from_spec(spec)
-    sys.modules[full] = module
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    import ldeq_fast
+
+    ldeq_fast.kernels = module
     return module
+
+
+def load_triton_kernels(name: str):
+    """The Triton kernel module ``ldeq_fast.kernels.<name>`` (an install's, or a checkout's ``kernels/``)."""
+    _kernels_package()
+    return importlib.import_module(f"ldeq_fast.kernels.{name}")
 
 
 def cpp_ops_present(*names: str) -> bool:

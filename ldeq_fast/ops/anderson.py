@@ -215,7 +215,7 @@ def anderson_mix_ref(F, G, alpha, flags, x, best, slot: int, n: int, beta: float
 @torch.library.custom_op("ldeq_fast::anderson_update_triton", mutates_args=("F", "G", "gram"))
 def _update_triton(fx: torch.Tensor, x: torch.Tensor, F: torch.Tensor, G: torch.Tensor, gram: torch.Tensor,
                    active: torch.Tensor, slot: int, n: int) -> torch.Tensor:
-    return load_triton_kernels("anderson_update").anderson_update_triton(fx, x, F, G, gram, active, slot, n)
+    return load_triton_kernels("anderson_update").anderson_update(fx, x, F, G, gram, active, slot, n)
 
 
 @_update_triton.register_fake
@@ -227,7 +227,7 @@ def _(fx, x, F, G, gram, active, slot, n):
 def _step_triton(gram: torch.Tensor, norms: torch.Tensor, flags: torch.Tensor, stat: torch.Tensor,
                  nstep: torch.Tensor, trace: torch.Tensor, k: int, n: int, tol: float, stop_rel: bool, lam: float,
                  lam_scaled: bool, divergence_factor: float) -> torch.Tensor:
-    return load_triton_kernels("anderson_solve").anderson_step_triton(gram, norms, flags, stat, nstep, trace, k, n,
+    return load_triton_kernels("anderson_step").anderson_step(gram, norms, flags, stat, nstep, trace, k, n,
                                                                       tol, stop_rel, lam, lam_scaled,
                                                                       divergence_factor)
 
@@ -240,7 +240,7 @@ def _(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scal
 @torch.library.custom_op("ldeq_fast::anderson_mix_triton", mutates_args=("x", "best"))
 def _mix_triton(F: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor, flags: torch.Tensor, x: torch.Tensor,
                 best: torch.Tensor, slot: int, n: int, beta: float, mix: bool) -> None:
-    load_triton_kernels("anderson_mix").anderson_mix_triton(F, G, alpha, flags, x, best, slot, n, beta, mix)
+    load_triton_kernels("anderson_mix").anderson_mix(F, G, alpha, flags, x, best, slot, n, beta, mix)
 
 
 @_mix_triton.register_fake

@@ -105,8 +105,7 @@ def _softargmax_op(h: _Tensor, beta: _Tensor, backend: str) -> tuple[_Tensor, _T
     _need_fused(backend, "softargmax_heatmaps")
     if backend == "cpp":
         return _cpp().softargmax_heatmaps_cpu(h, beta)
-    hm, hmax, *_ = _triton().head_forward(h, beta, True, False)
-    return hm, hmax
+    return _triton().softargmax_heatmaps(h, beta)
 
 
 @_softargmax_op.register_fake
@@ -119,8 +118,7 @@ def _keypoints_op(hm: _Tensor, backend: str) -> tuple[_Tensor, _Tensor, _Tensor,
     _need_fused(backend, "heatmap_keypoints")
     if backend == "cpp":
         return _cpp().heatmap_keypoints_cpu(hm)
-    _, _, kpts, spread, published, mass = _triton().head_forward(hm, None, False, True)
-    return kpts, spread, published, mass
+    return _triton().heatmap_keypoints(hm)
 
 
 @_keypoints_op.register_fake
@@ -134,8 +132,8 @@ def _head_op(h: _Tensor, beta: _Tensor, backend: str) -> tuple[_Tensor, _Tensor,
     _need_fused(backend, "heatmap_head")
     if backend == "cpp":
         return _cpp().heatmap_head_cpu(h, beta)
-    hm, hmax, kpts, spread, published, mass = _triton().head_forward(h, beta, True, True)
-    return hm, kpts, spread, published, hmax, mass
+    hm, hmax = _triton().softargmax_heatmaps(h, beta)
+    return (hm, *_triton().heatmap_keypoints(hm)[:3], hmax, _triton().heatmap_keypoints(hm)[3])
 
 
 @_head_op.register_fake
@@ -154,8 +152,10 @@ def _head_backward_op(g_hm: _Tensor, h: _Tensor, beta: _Tensor, hm: _Tensor, hma
     if backend == "cpp":
         return _cpp().heatmap_head_backward_cpu(g_hm, h, beta, hm, hmax, g_kpts, g_spread, g_published, kpts, spread,
                                                 published, mass)
-    return _triton().head_backward(g_hm, h, beta, hm, hmax, g_kpts, g_spread, g_published, kpts, spread, published,
-                                   mass)
+    if g_kpts is not None:
+        g_hm = g_hm + _triton().heatmap_keypoints_backward(g_kpts, g_spread, g_published, hm, kpts, spread, published,
+                                                           mass)
+    return _triton().softargmax_heatmaps_backward(g_hm, h, beta, hm, hmax)
 
 
 @_head_backward_op.register_fake
@@ -169,7 +169,7 @@ def _keypoints_backward_op(g_kpts: _Tensor, g_spread: _Tensor, g_published: _Ten
     _need_fused(backend, "heatmap_keypoints_backward")
     if backend == "cpp":
         return _cpp().heatmap_keypoints_backward_cpu(g_kpts, g_spread, g_published, hm, kpts, spread, published, mass)
-    return _triton().keypoints_backward(g_kpts, g_spread, g_published, hm, kpts, spread, published, mass)
+    return _triton().heatmap_keypoints_backward(g_kpts, g_spread, g_published, hm, kpts, spread, published, mass)
 
 
 @_keypoints_backward_op.register_fake
@@ -278,7 +278,7 @@ def softargmax_heatmaps(h: _Tensor, beta, *, backend: str | None = None) -> _Ten
     if direct_call_ok(h, beta_k):
         if chosen == "cpp":
             return _cpp().softargmax_heatmaps_cpu(h.contiguous(), beta_k)[0]
-        return _triton().head_forward(h.contiguous(), beta_k, True, False)[0]
+        return _triton().softargmax_heatmaps(h.contiguous(), beta_k)[0]
     return _softargmax_op(h.contiguous(), beta_k, chosen)[0]
 
 
@@ -294,7 +294,7 @@ def heatmap_keypoints(hm: _Tensor, *, backend: str | None = None):
     if direct_call_ok(hm):
         if chosen == "cpp":
             return tuple(_cpp().heatmap_keypoints_cpu(hm.contiguous())[:3])
-        return _triton().head_forward(hm.contiguous(), None, False, True)[2:5]
+        return _triton().heatmap_keypoints(hm.contiguous())[:3]
     return _keypoints_op(hm.contiguous(), chosen)[:3]
 
 
@@ -309,6 +309,6 @@ def heatmap_head(h: _Tensor, beta, *, backend: str | None = None):
     if direct_call_ok(h, beta_k):
         if chosen == "cpp":
             return tuple(_cpp().heatmap_head_cpu(h.contiguous(), beta_k)[:4])
-        hm, _hmax, kpts, spread, published, _mass = _triton().head_forward(h.contiguous(), beta_k, True, True)
-        return hm, kpts, spread, published
+        hm, _hmax = _triton().softargmax_heatmaps(h.contiguous(), beta_k)
+        return (hm, *_triton().heatmap_keypoints(hm)[:3])
     return _head_op(h.contiguous(), beta_k, chosen)[:4]

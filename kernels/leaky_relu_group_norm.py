@@ -1,4 +1,4 @@
-"""Triton kernels of the fused LeakyReLU -> GroupNorm (ldeq_fast.ops.groupnorm).
+"""Triton kernels of the fused LeakyReLU -> GroupNorm (ldeq_fast.ops.leaky_relu_group_norm).
 
 Both NCHW-contiguous and channels_last tensors are addressed through (n, spatial, channel) strides, so
 one set of kernels serves both layouts.  Statistics are fp32 (fp64 for float64 inputs):
@@ -212,9 +212,9 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def leaky_relu_group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
-                              eps: float, slope: float, residual: torch.Tensor | None = None,
-                              out: torch.Tensor | None = None):
+def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int,
+                          eps: float, slope: float, residual: torch.Tensor | None = None,
+                          out: torch.Tensor | None = None):
     """(out, mean, rstd) of group_norm(leaky_relu(x)) [+ residual]; mean/rstd are (N, num_groups) statistics."""
     channels_last = _layout(x)
     if residual is not None and (residual.shape != x.shape or residual.stride() != x.stride()
@@ -250,8 +250,9 @@ def leaky_relu_group_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return out, mean, rstd
 
 
-def leaky_relu_group_norm_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                              rstd: torch.Tensor, num_groups: int, slope: float, dx: torch.Tensor | None = None):
+def leaky_relu_group_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                                   rstd: torch.Tensor, num_groups: int, slope: float,
+                                   dx: torch.Tensor | None = None):
     """(dx, dweight, dbias) of group_norm(leaky_relu(x)) given the forward's mean/rstd."""
     channels_last = _layout(x)
     g = grad_out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -98,7 +98,7 @@ def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups
     if backend == "cpp":
         return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, weight, bias, num_groups, eps, slope, residual)
     if backend == "triton":
-        return load_triton_kernels("groupnorm").leaky_relu_group_norm_fwd(x, weight, bias, num_groups, eps, slope,
+        return load_triton_kernels("leaky_relu_group_norm").leaky_relu_group_norm(x, weight, bias, num_groups, eps, slope,
                                                                           residual)
     raise ValueError(f"{_OP}: no fused kernel for backend {backend!r}")
 
@@ -118,7 +118,7 @@ def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         return torch.ops.ldeq_fast.leaky_relu_group_norm_backward_cpu(grad_out, x, weight, mean, rstd, num_groups,
                                                                       slope)
     if backend == "triton":
-        return load_triton_kernels("groupnorm").leaky_relu_group_norm_bwd(grad_out, x, weight, mean, rstd,
+        return load_triton_kernels("leaky_relu_group_norm").leaky_relu_group_norm_backward(grad_out, x, weight, mean, rstd,
                                                                           num_groups, slope)
     raise ValueError(f"{_OP}: no fused kernel for backend {backend!r}")
 
@@ -187,5 +187,5 @@ def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: to
     if direct_call_ok(x, weight, bias, residual):
         if chosen == "cpp":
             return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(*args)[0]
-        return load_triton_kernels("groupnorm").leaky_relu_group_norm_fwd(*args)[0]
+        return load_triton_kernels("leaky_relu_group_norm").leaky_relu_group_norm(*args)[0]
     return _fused(*args, chosen)[0]

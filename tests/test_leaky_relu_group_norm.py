@@ -1,4 +1,4 @@
-"""Fused LeakyReLU -> GroupNorm (ldeq_fast.ops.groupnorm): every backend against the float64 eager
+"""Fused LeakyReLU -> GroupNorm (ldeq_fast.ops.leaky_relu_group_norm): every backend against the float64 eager
 composition, values and gradients, both memory formats, odd shapes and group counts."""
 import os
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldeq_fast.ops import groupnorm as gn
+from ldeq_fast.ops import leaky_relu_group_norm as gn
 from ldeq_fast.ops import triton_available
 
 needs_cpp = pytest.mark.skipif("cpp" not in gn.SUPPORTS,
@@ -187,11 +187,11 @@ def test_torch_backend_is_the_reference():
 
 
 # Triton reads TRITON_INTERPRET when triton itself is imported, so on CPU the Triton tests of both cell-op
-# files (this one and test_heatmap_op.py) run in one child pytest started with it set
+# files (this one and test_heatmap.py) run in one child pytest started with it set
 # (test_cellops_triton_in_interpreter); with a GPU they run in-process on CUDA tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
-TRITON_TEST_FILES = ("test_groupnorm_op.py", "test_heatmap_op.py")
+TRITON_TEST_FILES = ("test_leaky_relu_group_norm.py", "test_heatmap.py")
 
 
 @pytest.mark.skipif(INTERPRETED or not triton_available(), reason="this is the child run, or triton is missing")
@@ -212,7 +212,7 @@ def triton_kernels():
         pytest.skip("triton is not installed")
     if TRITON_DEVICE == "cpu" and not INTERPRETED:
         pytest.skip("runs in the TRITON_INTERPRET=1 child process (test_cellops_triton_in_interpreter) or on a GPU")
-    return gn.load_triton_kernels("groupnorm")
+    return gn.load_triton_kernels("leaky_relu_group_norm")
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1, 1), (1, 7, 3, 3, 7), (2, 6, 5, 3, 2), (1, 5, 17, 17, 1)],
@@ -225,9 +225,9 @@ def test_triton_matches_reference(shape, channels_last, dtype, triton_kernels, n
     want = _truth(x, w, b, G, grad)
     # kernels writing into NaN-filled buffers: every element must be written
     out = torch.full_like(x, float("nan"))
-    out, mean, rstd = triton_kernels.leaky_relu_group_norm_fwd(x, w, b, G, 1e-5, 0.01, out=out)
+    out, mean, rstd = triton_kernels.leaky_relu_group_norm(x, w, b, G, 1e-5, 0.01, out=out)
     dx = torch.full_like(x, float("nan"))
-    dx, dw, db = triton_kernels.leaky_relu_group_norm_bwd(grad.to(dtype), x, w, mean, rstd, G, 0.01, dx=dx)
+    dx, dw, db = triton_kernels.leaky_relu_group_norm_backward(grad.to(dtype), x, w, mean, rstd, G, 0.01, dx=dx)
     _check_all((out, dx, dw, db), want, tol, x, w, G, grad)
     # and through the public op, with autograd and without
     got = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="triton")
@@ -258,7 +258,7 @@ def test_opcheck_triton(triton_kernels):
     torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, None, "triton"), test_utils=utils)
     res = torch.randn_like(x).requires_grad_()
     torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, res, "triton"), test_utils=utils)
-    _, mean, rstd = triton_kernels.leaky_relu_group_norm_fwd(x, w, b, G, 1e-5, 0.01)
+    _, mean, rstd = triton_kernels.leaky_relu_group_norm(x, w, b, G, 1e-5, 0.01)
     torch.library.opcheck(gn._fused_backward, (grad.float(), x, w, mean, rstd, G, 0.01, "triton"), test_utils=utils)
 
 

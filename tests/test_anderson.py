@@ -24,7 +24,7 @@ needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRIT
                                        "started by test_triton_suite_in_interpreter")
 
 
-TRITON_TEST_FILES = ("test_anderson_ops.py", "test_fused_solver.py")
+TRITON_TEST_FILES = ("test_anderson.py", "test_fused_solver.py")
 
 
 def run_triton_suite() -> None:
@@ -133,7 +133,7 @@ def test_update_triton(triton_interpret, B, D, m, dtype):
 
 def test_update_triton_multiblock(triton_interpret):
     """Several D-blocks per sample, so the cross-block reduction is exercised."""
-    from ldeq_fast.kernels.anderson_update import anderson_update_triton
+    from ldeq_fast.ops import load_triton_kernels
 
     g = _gen(5)
     B, m, D = 3, 3, 37
@@ -143,7 +143,7 @@ def test_update_triton_multiblock(triton_interpret):
     active = torch.tensor([True, False, True])
     Fr, Gr, gramr = F.clone(), G.clone(), gram.clone()
     norms_r = A.anderson_update_ref(fx, x, Fr, Gr, gramr, active, 1, 3)
-    norms = anderson_update_triton(fx, x, F, G, gram, active, 1, 3, block=16)
+    norms = load_triton_kernels("anderson_update").anderson_update(fx, x, F, G, gram, active, 1, 3, block=16)
     _close(gram, gramr, torch.float32, scale=D)
     _close(norms, norms_r, torch.float32, scale=D)
     assert torch.equal(F, Fr) and torch.equal(G, Gr)

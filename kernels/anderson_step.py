@@ -106,9 +106,9 @@ def _split(v: float) -> tuple[float, float]:
     return hi, float(np.float32(v - hi))
 
 
-def anderson_step_triton(gram: torch.Tensor, norms: torch.Tensor, flags: torch.Tensor, stat: torch.Tensor,
-                         nstep: torch.Tensor, trace: torch.Tensor, k: int, n: int, tol: float, stop_rel: bool,
-                         lam: float, lam_scaled: bool, divergence_factor: float) -> torch.Tensor:
+def anderson_step(gram: torch.Tensor, norms: torch.Tensor, flags: torch.Tensor, stat: torch.Tensor,
+                  nstep: torch.Tensor, trace: torch.Tensor, k: int, n: int, tol: float, stop_rel: bool,
+                  lam: float, lam_scaled: bool, divergence_factor: float) -> torch.Tensor:
     """Launch the step; arguments are validated by the caller (ldeq_fast.ops.anderson)."""
     B, m, _ = gram.shape
     alpha = torch.empty(B, m, dtype=gram.dtype, device=gram.device)

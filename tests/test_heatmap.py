@@ -157,7 +157,7 @@ def test_torch_backend_is_the_reference():
 
 
 # Triton reads TRITON_INTERPRET when triton itself is imported: on CPU the Triton tests below run in the
-# TRITON_INTERPRET=1 child pytest started by test_groupnorm_op.py::test_cellops_triton_in_interpreter;
+# TRITON_INTERPRET=1 child pytest started by test_leaky_relu_group_norm.py::test_cellops_triton_in_interpreter;
 # with a GPU they run in-process on CUDA tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
@@ -169,7 +169,7 @@ def triton_kernels():
         pytest.skip("triton is not installed")
     if TRITON_DEVICE == "cpu" and not INTERPRETED:
         pytest.skip("runs in the TRITON_INTERPRET=1 child process started by "
-                    "test_groupnorm_op.py::test_cellops_triton_in_interpreter, or on a GPU")
+                    "test_leaky_relu_group_norm.py::test_cellops_triton_in_interpreter, or on a GPU")
     return hmo.load_triton_kernels("heatmap")
 
 
@@ -206,11 +206,11 @@ def test_triton_matches_reference(shape, dtype, triton_kernels, nan_empty):
 
 def test_triton_kernels_write_every_element(triton_kernels, nan_empty):
     h, beta, grads = _inputs((2, 3, 5, 7), torch.float32, device=TRITON_DEVICE)
-    hm, hmax, kpts, spread, published, mass = triton_kernels.head_forward(h, beta, True, True)
-    dh, dbeta = triton_kernels.head_backward(grads[0].float(), h, beta, hm, hmax, grads[1].float(), grads[2].float(),
-                                             grads[3].float(), kpts, spread, published, mass)
-    dhm = triton_kernels.keypoints_backward(grads[1].float(), grads[2].float(), grads[3].float(), hm, kpts, spread,
-                                            published, mass)
+    hm, hmax = triton_kernels.softargmax_heatmaps(h, beta)
+    kpts, spread, published, mass = triton_kernels.heatmap_keypoints(hm)
+    dh, dbeta = triton_kernels.softargmax_heatmaps_backward(grads[0].float(), h, beta, hm, hmax)
+    dhm = triton_kernels.heatmap_keypoints_backward(grads[1].float(), grads[2].float(), grads[3].float(), hm, kpts,
+                                                    spread, published, mass)
     for t in (hm, hmax, kpts, spread, published, mass, dh, dbeta, dhm):
         assert torch.isfinite(t).all()
 
@@ -222,7 +222,8 @@ def test_opcheck_triton(triton_kernels):
     h, beta, grads = _inputs((1, 2, 3, 4), torch.float32, device=TRITON_DEVICE)
     torch.library.opcheck(hmo._head_op, (h.clone().requires_grad_(), beta.clone().requires_grad_(), "triton"),
                           test_utils=utils)
-    hm, hmax, kpts, spread, published, mass = triton_kernels.head_forward(h, beta, True, True)
+    hm, hmax = triton_kernels.softargmax_heatmaps(h, beta)
+    kpts, spread, published, mass = triton_kernels.heatmap_keypoints(hm)
     g = [t.float() for t in grads]
     torch.library.opcheck(hmo._head_backward_op, (g[0], h, beta, hm, hmax, g[1], g[2], g[3], kpts, spread, published,
                                                   mass, "triton"), test_utils=utils)
