@@ -26,8 +26,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import interleaved, machine_info, summary, table, write_json  # noqa: E402
 
-from ldeq_fast.ops import leaky_relu_group_norm as gn  # noqa: E402
 from ldeq_fast.ops import heatmap as hmo  # noqa: E402
+from ldeq_fast.ops import leaky_relu_group_norm as gn  # noqa: E402
 from ldeq_fast.ops import pick_backend  # noqa: E402
 
 AGREEMENT = 1e-4
