@@ -7,9 +7,10 @@
 Measured, methods interleaved, medians of --repeats (ms per call; each timing covers --inner back-to-back
 calls so every method sees its own inputs in cache rather than the previous method's leftovers):
 * leaky_relu_group_norm (LeakyReLU -> GroupNorm, G=1 as in the model) vs F.leaky_relu + F.group_norm,
-  NCHW and channels_last, forward (no grad) and forward + backward (dx, dweight, dbias);
-* heatmap_head (softargmax heatmaps + keypoints, spread, published uncertainty) vs layers.py's
-  softargmax_normalize + heatmaps_to_keypoints, forward and forward + backward (to h and a learnt beta);
+  NCHW and channels_last, forward (no grad) and forward + backward (dx, dweight, dbias); and with the
+  hourglass's residual connection added in the output pass (``residual=``) vs the eager ops + add, forward;
+* the heatmap head as the model runs it, softargmax_heatmaps then heatmap_keypoints (keypoints, spread,
+  published uncertainty), vs their references, forward and forward + backward (to h and a learnt beta);
   softargmax_heatmaps alone, forward.
 Before timing, each fused op is compared with its reference (values and gradients); the script exits
 non-zero if they differ by more than 1e-4 relative to the largest reference value.
@@ -28,7 +29,7 @@ from common import interleaved, machine_info, summary, table, write_json  # noqa
 
 from ldeq_fast.ops import heatmap as hmo  # noqa: E402
 from ldeq_fast.ops import leaky_relu_group_norm as gn  # noqa: E402
-from ldeq_fast.ops import pick_backend  # noqa: E402
+from ldeq_fast.ops import resolve  # noqa: E402
 
 AGREEMENT = 1e-4
 GN_SHAPES = [(8, 224, 64, 64), (8, 320, 4, 4), (1, 224, 64, 64)]
@@ -97,8 +98,11 @@ def gn_case(shape, channels_last, device, backend, repeats, inner):
             fn().backward(grad)
         return run
 
+    res = torch.randn_like(x)
     methods = {
         "fused fwd": fwd(lambda: fused(x)), "eager fwd": fwd(lambda: eager_gn(x, w, b)),
+        "fused fwd+res": fwd(lambda: gn.leaky_relu_group_norm(x, w, b, 1, residual=res, backend=backend)),
+        "eager fwd+res": fwd(lambda: eager_gn(x, w, b) + res),
         "fused fwd+bwd": fwd_bwd(lambda: fused(xg)), "eager fwd+bwd": fwd_bwd(lambda: eager_gn(xg, w, b)),
     }
     times = interleaved(blocks(methods, inner), repeats=repeats, device=device)
@@ -115,8 +119,16 @@ def head_case(shape, device, backend, repeats, inner):
     def loss(outs):
         return sum((o * gr).sum() for o, gr in zip(outs, grads))
 
+    def head(t, beta):
+        hm = hmo.softargmax_heatmaps(t, beta, backend=backend)
+        return (hm, *hmo.heatmap_keypoints(hm, backend=backend))
+
+    def head_ref(t, beta):
+        hm = hmo.softargmax_heatmaps_ref(t, beta)
+        return (hm, *hmo.heatmap_keypoints_ref(hm))
+
     errs = []
-    for fn in (lambda t: hmo.heatmap_head(t, beta, backend=backend), lambda t: hmo.heatmap_head_ref(t, beta)):
+    for fn in (lambda t: head(t, beta), lambda t: head_ref(t, beta)):
         hg.grad = beta.grad = None
         outs = fn(hg)
         loss(outs).backward()
@@ -136,10 +148,10 @@ def head_case(shape, device, backend, repeats, inner):
         return run
 
     methods = {
-        "fused fwd": fwd(lambda: hmo.heatmap_head(h, beta, backend=backend)),
-        "eager fwd": fwd(lambda: hmo.heatmap_head_ref(h, beta)),
-        "fused fwd+bwd": fwd_bwd(lambda: hmo.heatmap_head(hg, beta, backend=backend)),
-        "eager fwd+bwd": fwd_bwd(lambda: hmo.heatmap_head_ref(hg, beta)),
+        "fused fwd": fwd(lambda: head(h, beta)),
+        "eager fwd": fwd(lambda: head_ref(h, beta)),
+        "fused fwd+bwd": fwd_bwd(lambda: head(hg, beta)),
+        "eager fwd+bwd": fwd_bwd(lambda: head_ref(hg, beta)),
         "fused softargmax fwd": fwd(lambda: hmo.softargmax_heatmaps(h, beta, backend=backend)),
         "eager softargmax fwd": fwd(lambda: hmo.softargmax_heatmaps_ref(h, beta)),
     }
@@ -161,7 +173,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
     probe = torch.empty(0, device=args.device)
-    backend = pick_backend(probe, args.backend, gn.SUPPORTS)
+    backend = resolve("leaky_relu_group_norm", probe, args.backend)
     if backend == "torch":
         print("no fused backend available on this device: nothing to compare", file=sys.stderr)
         return 1
@@ -174,18 +186,18 @@ def main(argv=None) -> int:
                     "max_rel_err": err, "ms": t}
             results.append(case)
             bad += [case] if err > AGREEMENT else []
-            for kind in ("fwd", "fwd+bwd"):
+            for kind in ("fwd", "fwd+bwd", "fwd+res"):
                 f, e = t[f"fused {kind}"]["median"], t[f"eager {kind}"]["median"]
                 rows.append({"op": "lrelu_gn", "shape": "x".join(map(str, shape)), "layout": case["layout"],
                              "pass": kind, "fused_ms": f, "eager_ms": e, "speedup": e / f, "rel_err": err})
     for shape in (QUICK_HEAD_SHAPES if args.quick else HEAD_SHAPES):
         err, t = head_case(shape, args.device, backend, repeats, args.inner)
-        case = {"op": "heatmap_head", "shape": list(shape), "max_rel_err": err, "ms": t}
+        case = {"op": "softargmax_heatmaps+heatmap_keypoints", "shape": list(shape), "max_rel_err": err, "ms": t}
         results.append(case)
         bad += [case] if err > AGREEMENT else []
         for kind in ("fwd", "fwd+bwd", "softargmax fwd"):
             f, e = t[f"fused {kind}"]["median"], t[f"eager {kind}"]["median"]
-            rows.append({"op": "heatmap_head" if kind != "softargmax fwd" else "softargmax",
+            rows.append({"op": "heatmap head" if kind != "softargmax fwd" else "softargmax",
                          "shape": "x".join(map(str, shape)), "layout": "nchw", "pass": kind.split()[-1],
                          "fused_ms": f, "eager_ms": e, "speedup": e / f, "rel_err": err})
 

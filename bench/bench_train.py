@@ -24,7 +24,7 @@ PATHS = ("fast", "published")
 def published_training_step(model, images, kpts, opt):
     """The published recipe: no-grad published Anderson, one tracked step, backward hook solving the
     adjoint fixed point with published Anderson on vector-Jacobian products."""
-    from ldeq_fast.model.layers import heatmaps_to_keypoints
+    from ldeq_fast.ops.heatmap import heatmap_keypoints_ref
     from ldeq_fast.solvers.published import anderson_published
 
     c = model.cfg
@@ -49,7 +49,7 @@ def published_training_step(model, images, kpts, opt):
         return sol
 
     handle.append(z_new.register_hook(hook))
-    kp = heatmaps_to_keypoints(model.heatmaps_from_z(z_new))[0]
+    kp = heatmap_keypoints_ref(model.heatmaps_from_z(z_new))[0]
     loss = (kp - kpts).abs().mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()

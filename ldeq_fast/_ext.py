@@ -1,4 +1,4 @@
-"""Guarded import of the native extension ``ldeq_fast._C``.
+"""Guarded import of the native extension ``ldeq_fast._C`` (the fused ops' CPU kernels).
 
 Importing ldeq_fast never fails because the extension is missing or broken: the error is kept and
 reported (once, as a warning) when a backend that needs it is asked for.
@@ -19,10 +19,6 @@ _warned: set[str] = set()
 
 def has_cpp() -> bool:
     return _C is not None
-
-
-def has_cuda() -> bool:
-    return _C is not None and bool(_C.compiled_with_cuda())
 
 
 def warn_once(key: str, message: str) -> None:

@@ -3,6 +3,9 @@
 Each path is the same LDEQ weights run a different way.  Paths are interleaved (A, B, A, B, ...) and
 each figure is the median of the repeats, so drift on a noisy machine hits every path alike.  Peak memory
 (live tensor bytes of one forward; the CUDA allocator's peak on GPU) is taken in an extra, untimed run.
+Every row records the backend each fused op actually ran on (``backends``); ``fast_path_problems`` lists
+the fast rows that ran an op on the PyTorch reference (or a fast path that could not run), and the command
+exits non-zero when there are any.
 """
 from __future__ import annotations
 
@@ -45,8 +48,8 @@ def available_paths(device: torch.device) -> list[Path]:
         fused_ok, why = False, f"fused solver not importable: {exc}"
     if device.type == "cpu" and not _ext.has_cpp():
         fused_ok, why = False, _ext.missing_reason()
-    paths.append(Path("fast", "fused solver engine (C++/Triton/CUDA by device)", {"backend": "auto"},
-                      fused_ok, why))
+    paths.append(Path("fast", "fused solver engine and cell ops (C++ kernels on CPU, Triton on CUDA)",
+                      {"backend": "auto"}, fused_ok, why))
     return paths
 
 
@@ -117,11 +120,26 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
                 "max_kpt_diff_px": float((out.keypoints - ref).abs().max() * cfg.heatmap_size),
                 "peak_mb": peak / 2 ** 20,
                 "speedup_vs_reference": statistics.median(times[runnable[0].name]) / med,
+                "backends": out.backends,
             })
     if bar is not None:
         bar.close()
     model.cfg = cfg
+    results["fast_path_problems"] = fast_path_problems(results)
     return results
+
+
+FAST_PATHS = ("fast",)
+
+
+def fast_path_problems(res: dict) -> list[str]:
+    """What keeps a fast row from being the fast path: an op that ran on the reference, or the path skipped."""
+    out = [f"{s['path']} path not run: {s['why']}" for s in res["skipped"] if s["path"] in FAST_PATHS]
+    for r in res["rows"]:
+        slow = sorted(op for op, b in r.get("backends", {}).items() if "torch" in b.split(","))
+        if r["path"] in FAST_PATHS and slow:
+            out.append(f"{r['path']} path at batch {r['batch']} ran {slow} on the PyTorch reference")
+    return out
 
 
 def format_table(res: dict) -> str:
@@ -135,6 +153,12 @@ def format_table(res: dict) -> str:
                      f"{r['max_kpt_diff_px']:>11.2e} {r['peak_mb']:>8.0f} {r['speedup_vs_reference']:>7.2f}x")
     for s in res["skipped"]:
         lines.append(f"(skipped {s['path']}: {s['why']})")
+    fast = [r for r in res["rows"] if r["path"] in FAST_PATHS]
+    if fast:
+        ran = sorted({f"{op}={b}" for r in fast for op, b in r["backends"].items()})
+        lines.append("fast path ran: " + ", ".join(ran))
+    for problem in res.get("fast_path_problems", []):
+        lines.append(f"PROBLEM: {problem}")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ def cmd_bench(a) -> int:
     if a.json:
         save_json(res, a.json)
         print(f"wrote {a.json}")
-    return 0
+    return 1 if res["fast_path_problems"] else 0
 
 
 def cmd_export(a) -> int:

@@ -52,7 +52,7 @@ class LDEQConfig:
     phantom_steps: int = 5
     phantom_damping: float = 0.8
     backward_max_iters: int = 0           # 0: same as max_iters
-    backend: str = "auto"                 # auto | torch | triton | cpp | cuda
+    backend: str = "auto"                 # auto | torch | triton | cpp (ldeq_fast.ops.resolve)
     train_recompute: bool = True          # fast path, training: recompute stem + norm epilogues in backward
     channels_last: bool = True            # fast path: NHWC weights and activations (faster convs)
     extra: dict = field(default_factory=dict, repr=False)  # free-form notes (kept in checkpoints)
@@ -101,7 +101,7 @@ class LDEQConfig:
         check(self.solver_semantics in SEMANTICS, f"solver_semantics must be one of {SEMANTICS}")
         check(self.lam_mode in LAM_MODES, f"lam_mode must be one of {LAM_MODES}")
         check(self.grad_mode in GRAD_MODES, f"grad_mode must be one of {GRAD_MODES}")
-        check(self.backend in ("auto", "torch", "triton", "cpp", "cuda"), "backend must be auto|torch|triton|cpp|cuda")
+        check(self.backend in ("auto", "torch", "triton", "cpp"), "backend must be auto|torch|triton|cpp")
         check(self.softargmax_beta > 0, "softargmax_beta must be > 0")
         check(self.rel_tol >= 0 and self.abs_tol >= 0, "tolerances must be >= 0")
         check(self.check_every >= 0, "check_every must be >= 0")

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ldeq_fast.model.layers import heatmaps_to_keypoints, softargmax_normalize
+from ldeq_fast.ops.heatmap import heatmap_keypoints_ref, softargmax_heatmaps_ref
 
 DEFAULT_OPSET = 18
 UNCERTAINTY = ("spread", "published")
@@ -43,8 +43,8 @@ class UnrolledLDEQ(nn.Module):
             z = self.cell(z, injection)
         heat = z[:, : c.n_keypoints]
         if c.cell_norm == "none":
-            heat = softargmax_normalize(heat, c.softargmax_beta)
-        keypoints, spread, published = heatmaps_to_keypoints(heat)
+            heat = softargmax_heatmaps_ref(heat, c.softargmax_beta)
+        keypoints, spread, published = heatmap_keypoints_ref(heat)
         return keypoints, published if self.published_uncertainty else spread
 
 

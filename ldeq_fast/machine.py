@@ -37,5 +37,5 @@ def machine_info() -> dict:
         info["triton"] = None
     from ldeq_fast import _ext
 
-    info["native_extension"] = {"cpp": _ext.has_cpp(), "cuda": _ext.has_cuda()}
+    info["native_extension"] = {"cpp": _ext.has_cpp()}  # the CPU kernels; GPU kernels are Triton
     return info

@@ -27,4 +27,8 @@ extras="video,export"
 if [ "${1:-}" = "test" ]; then extras="$extras,test,triton"; fi
 # --no-build-isolation: build the extension against the torch installed above, not a fresh one
 $PIP --no-build-isolation -e ".[$extras]"
-$PY -c "import ldeq_fast, ldeq_fast._ext as e; print('setup: ldeq_fast', ldeq_fast.__version__, '| C++ ext:', e.has_cpp(), '| CUDA ext:', e.has_cuda())"
+# with LDEQ_FAST_REQUIRE_NATIVE=1 (CI) a missing or broken extension fails the setup here
+$PY -c "
+import os, sys, ldeq_fast, ldeq_fast._ext as e
+print('setup: ldeq_fast', ldeq_fast.__version__, '| C++ kernels:', e.has_cpp() or e.missing_reason())
+sys.exit(0 if e.has_cpp() or os.environ.get('LDEQ_FAST_REQUIRE_NATIVE', '0') != '1' else 1)"

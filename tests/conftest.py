@@ -4,13 +4,23 @@ import pytest
 import torch
 
 from ldeq_fast import _ext
+from ldeq_fast.ops import cpu_kernels, require_native
 
 # Tests are small; one intra-op thread keeps timings and results stable on the 2-core CI machine.
 torch.set_num_threads(int(os.environ.get("LDEQ_FAST_TEST_THREADS", "2")))
 
 
-# tests of the fused C++ ops / the fast path on CPU: `from conftest import needs_cpp`, then `@needs_cpp`
+# tests of the fused C++ ops / the fast path on CPU: `from conftest import needs_cpp`, then `@needs_cpp`.  Under
+# LDEQ_FAST_REQUIRE_NATIVE=1 (CI) they never skip: a missing or stale extension fails the session first.
 needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason=f"native extension not built: {_ext.missing_reason()}")
+
+
+def pytest_sessionstart(session):
+    if require_native():
+        missing = [op for op, ok in cpu_kernels().items() if not ok]
+        if missing:
+            raise pytest.UsageError(f"LDEQ_FAST_REQUIRE_NATIVE=1 but the C++ kernels of {missing} are missing: "
+                                    f"{_ext.missing_reason()}")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: the triton marker is added here
@@ -36,6 +46,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def tiny_config(**over):
+    """The smallest model of the published structure (19 landmarks, 64x64 images, widths 8): fast enough for
+    bf16 emulation on a CPU without native bf16 and for the Triton interpreter."""
+    from ldeq_fast import LDEQConfig
+
+    base = dict(n_keypoints=19, injection_width=8, cell_base_width=8, cell_width_increment=4, heatmap_size=16,
+                im_size=64, max_iters=4)
+    return LDEQConfig.from_dict({**base, **over})
 
 
 @pytest.fixture

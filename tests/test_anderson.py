@@ -377,10 +377,12 @@ def test_opcheck_cpp(op):
     torch.library.opcheck(getattr(torch.ops.ldeq_fast, f"anderson_{op}").default, _opcheck_args()[op])
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("op", ["update", "step", "mix"])
-def test_opcheck_triton(triton_interpret, op):
-    torch.library.opcheck(getattr(torch.ops.ldeq_fast, f"anderson_{op}_triton").default,
-                          _opcheck_args(dtype=torch.float32)[op])
+def test_opcheck_cuda(op):
+    """The ops with their CUDA (Triton) kernels."""
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _opcheck_args(dtype=torch.float32)[op]]
+    torch.library.opcheck(getattr(torch.ops.ldeq_fast, f"anderson_{op}").default, args)
 
 
 def test_bad_inputs_name_the_problem():

@@ -1,16 +1,13 @@
-"""Heatmap head ops (ldeq_fast.ops.heatmap): every backend against layers.py's softargmax_normalize
-and heatmaps_to_keypoints, values and gradients (to h, a tensor beta, and heatmaps)."""
+"""The heatmap ops (ldeq_fast.ops.heatmap): softargmax_heatmaps and heatmap_keypoints on every backend against
+their references, values and gradients (to h, a tensor beta, and heatmaps); the ops' registrations."""
 import os
 
 import pytest
 import torch
+from conftest import needs_cpp
 
-from ldeq_fast.model.layers import heatmaps_to_keypoints, softargmax_normalize
 from ldeq_fast.ops import heatmap as hmo
 from ldeq_fast.ops import triton_available
-
-needs_cpp = pytest.mark.skipif("cpp" not in hmo.SUPPORTS,
-                               reason="ldeq_fast._C is not built (or predates the heatmap kernels)")
 
 SHAPES = [(1, 1, 1, 1), (1, 1, 3, 3), (3, 7, 17, 17), (2, 4, 6, 9), (1, 3, 64, 64), (2, 2, 5, 130)]
 NAMES = ("heatmaps", "keypoints", "spread", "published")
@@ -25,12 +22,26 @@ def _inputs(shape, dtype, seed=0, device="cpu"):
     return h, beta, grads
 
 
-def _head(fn, h, beta, grads, **kw):
+def _head(backend):
+    """The model's use of the two ops: heatmaps from cell features, then their keypoints."""
+    def head(h, beta):
+        hm = hmo.softargmax_heatmaps(h, beta, backend=backend)
+        return (hm, *hmo.heatmap_keypoints(hm, backend=backend))
+
+    return head
+
+
+def _head_ref(h, beta):
+    hm = hmo.softargmax_heatmaps_ref(h, beta)
+    return (hm, *hmo.heatmap_keypoints_ref(hm))
+
+
+def _grads_of(fn, h, beta, grads):
     """Outputs and (dh, dbeta) of sum(out_i * grad_i).  1x1 maps have zero spread, where sqrt has no
     derivative: their spread/published gradients are left out."""
     h = h.detach().clone().requires_grad_()
     beta = beta.detach().clone().requires_grad_() if isinstance(beta, torch.Tensor) else beta
-    outs = fn(h, beta, **kw)
+    outs = fn(h, beta)
     used = outs if h.shape[2] * h.shape[3] > 1 else outs[:2]
     loss = sum((o.double() * g).sum() for o, g in zip(used, grads))
     loss.backward()
@@ -53,6 +64,15 @@ def _compare(got, want, tol):
         _assert_close(got[2], want[2], tol, "dbeta")
 
 
+def _keypoints_and_grad(fn, maps, grads):
+    """Keypoint outputs of arbitrary positive maps and the gradient w.r.t. the maps."""
+    used = 3 if maps.shape[2] * maps.shape[3] > 1 else 1
+    m = maps.clone().requires_grad_()
+    res = fn(m)
+    sum((r.double() * g).sum() for r, g in zip(res[:used], grads[1:1 + used])).backward()
+    return [r.detach() for r in res], m.grad
+
+
 @pytest.fixture
 def nan_empty():
     """Uninitialised tensors (also at::empty inside the C++ kernels) come back NaN-filled, so any output
@@ -68,47 +88,28 @@ def nan_empty():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("beta_kind", ["float", "vector", "nchw"])
-def test_cpp_head_matches_reference(shape, dtype, beta_kind, nan_empty):
+def test_cpp_matches_reference(shape, dtype, beta_kind, nan_empty):
     h, beta, grads = _inputs(shape, dtype)
     beta = {"float": 1.7, "vector": beta, "nchw": beta.view(1, -1, 1, 1)}[beta_kind]
-    got = _head(hmo.heatmap_head, h, beta, grads, backend="cpp")
-    want = _head(hmo.heatmap_head_ref, h, beta, grads)
-    _compare(got, want, 1e-5)  # the reference reads out in float32 even for float64 maps
-    assert got[0][0].dtype == dtype
-    with torch.no_grad():  # direct kernel call, no custom-op / autograd layers
-        for a, e in zip(hmo.heatmap_head(h, beta, backend="cpp"), got[0]):
+    got = _grads_of(_head("cpp"), h, beta, grads)
+    want = _grads_of(_head_ref, h.double(), beta.double() if isinstance(beta, torch.Tensor) else beta, grads)
+    _compare(got, want, 1e-5 if dtype == torch.float32 else 1e-10)
+    assert all(o.dtype == dtype for o in got[0])
+    with torch.no_grad():  # without a graph: the same kernels
+        for a, e in zip(_head("cpp")(h, beta), got[0]):
             assert torch.equal(a, e)
 
 
 @needs_cpp
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_cpp_separate_ops_match_reference(shape, nan_empty):
-    h, beta, grads = _inputs(shape, torch.float32)
-    hr = h.clone().requires_grad_()
-    br = beta.clone().requires_grad_()
-    hm = hmo.softargmax_heatmaps(hr, br, backend="cpp")
-    (hm.double() * grads[0]).sum().backward()
-    hw = h.clone().requires_grad_()
-    bw = beta.clone().requires_grad_()
-    (softargmax_normalize(hw, bw.view(1, -1, 1, 1)).double() * grads[0]).sum().backward()
-    _assert_close(hm, softargmax_normalize(h, beta.view(1, -1, 1, 1)), 1e-6, "heatmaps")
-    assert torch.equal(hmo.softargmax_heatmaps(h, beta, backend="cpp"), hm.detach())
-    _assert_close(hr.grad, hw.grad, 1e-5, "dh")
-    _assert_close(br.grad, bw.grad, 1e-5, "dbeta")
-    # keypoints of arbitrary positive maps (not peak-normalised), gradients w.r.t. the maps
+def test_cpp_keypoints_of_unnormalised_maps(shape, nan_empty):
+    _, _, grads = _inputs(shape, torch.float32)
     maps = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 3.0
-    used = 3 if shape[2] * shape[3] > 1 else 1
-    outs = []
-    for fn in (lambda m: hmo.heatmap_keypoints(m, backend="cpp"), heatmaps_to_keypoints):
-        m = maps.clone().requires_grad_()
-        res = fn(m)
-        sum((r.double() * g).sum() for r, g in zip(res[:used], grads[1:1 + used])).backward()
-        outs.append((res, m.grad))
-    for a, e, name in zip(outs[0][0], outs[1][0], NAMES[1:]):
+    got = _keypoints_and_grad(lambda m: hmo.heatmap_keypoints(m, backend="cpp"), maps, grads)
+    want = _keypoints_and_grad(hmo.heatmap_keypoints_ref, maps.double(), grads)
+    for a, e, name in zip(got[0], want[0], NAMES[1:]):
         _assert_close(a, e, 1e-5, name)
-    _assert_close(outs[0][1], outs[1][1], 1e-5, "dmaps")
-    for a, e in zip(hmo.heatmap_keypoints(maps, backend="cpp"), outs[0][0]):
-        assert torch.equal(a, e.detach())
+    _assert_close(got[1], want[1], 1e-5, "dmaps")
 
 
 @needs_cpp
@@ -119,7 +120,7 @@ def test_cpp_softargmax_splits_gradient_among_tied_maxima():
     a = h.clone().requires_grad_()
     (hmo.softargmax_heatmaps(a, beta, backend="cpp") * g).sum().backward()
     b = h.clone().requires_grad_()
-    (softargmax_normalize(b, beta.view(1, -1, 1, 1)) * g).sum().backward()
+    (hmo.softargmax_heatmaps_ref(b, beta) * g).sum().backward()
     torch.testing.assert_close(a.grad, b.grad)
 
 
@@ -128,7 +129,7 @@ def test_cpp_gradcheck_fp64():
     h, beta, _ = _inputs((2, 3, 4, 5), torch.float64)
     h.requires_grad_()
     beta.requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, b: hmo.heatmap_head(h, b, backend="cpp"), (h, beta))
+    assert torch.autograd.gradcheck(_head("cpp"), (h, beta))
     assert torch.autograd.gradcheck(lambda h, b: hmo.softargmax_heatmaps(h, b, backend="cpp"), (h, beta))
     maps = (torch.rand(2, 3, 4, 5, dtype=torch.float64) + 0.1).requires_grad_()
     assert torch.autograd.gradcheck(lambda m: hmo.heatmap_keypoints(m, backend="cpp"), (maps,))
@@ -137,22 +138,26 @@ def test_cpp_gradcheck_fp64():
 @needs_cpp
 def test_cpp_zero_spread_with_unused_spread_gradient_is_finite():
     h = torch.full((1, 2, 1, 1), 0.3).requires_grad_()  # 1x1 maps: spread 0
-    hm, kpts, spread, published = hmo.heatmap_head(h, 1.0, backend="cpp")
+    hm, kpts, spread, published = _head("cpp")(h, 1.0)
     assert spread.eq(0).all()
     (hm.sum() + kpts.sum()).backward()
     assert torch.isfinite(h.grad).all()
 
 
-def test_keypoints_of_half_maps_are_float32():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=needs_cpp)])
+def test_half_maps_are_computed_in_float32(backend):
     maps = torch.rand(1, 2, 5, 5).to(torch.bfloat16)
-    for got, want in zip(hmo.heatmap_keypoints(maps), heatmaps_to_keypoints(maps)):
+    for got, want in zip(hmo.heatmap_keypoints(maps, backend=backend), hmo.heatmap_keypoints_ref(maps.float())):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want)
+    hm = hmo.softargmax_heatmaps(maps, 1.5, backend=backend)
+    assert hm.dtype == torch.float32
+    torch.testing.assert_close(hm, hmo.softargmax_heatmaps_ref(maps.float(), 1.5))
 
 
 def test_torch_backend_is_the_reference():
     h, beta, _ = _inputs((2, 3, 6, 6), torch.float32)
-    for got, want in zip(hmo.heatmap_head(h, beta, backend="torch"), hmo.heatmap_head_ref(h, beta)):
+    for got, want in zip(_head("torch")(h, beta), _head_ref(h, beta)):
         assert torch.equal(got, want)
 
 
@@ -178,30 +183,40 @@ def triton_kernels():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_triton_matches_reference(shape, dtype, triton_kernels, nan_empty):
     h, beta, grads = _inputs(shape, dtype, device=TRITON_DEVICE)
-    got = _head(hmo.heatmap_head, h, beta, grads, backend="triton")
-    want = _head(hmo.heatmap_head_ref, h, beta, grads)
-    _compare(got, want, 1e-5)
-    with torch.no_grad():
-        for a, e in zip(hmo.heatmap_head(h, beta, backend="triton"), got[0]):
-            assert torch.equal(a, e)
-    # the separate ops, with tied maxima
-    ht = torch.randint(0, 3, shape).to(device=TRITON_DEVICE, dtype=dtype)
-    a = ht.clone().requires_grad_()
-    (hmo.softargmax_heatmaps(a, beta, backend="triton").double() * grads[0]).sum().backward()
-    b = ht.clone().requires_grad_()
-    (softargmax_normalize(b, beta.view(1, -1, 1, 1)).double() * grads[0]).sum().backward()
-    _assert_close(a.grad, b.grad, 1e-5, "dh (ties)")
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    hm, hmax = triton_kernels.softargmax_heatmaps(h, beta)
+    _assert_close(hm, hmo.softargmax_heatmaps_ref(h.double(), beta.double()), tol, "heatmaps")
+    hr, br = h.double().requires_grad_(), beta.double().requires_grad_()
+    (hmo.softargmax_heatmaps_ref(hr, br) * grads[0]).sum().backward()
+    dh, dbeta = triton_kernels.softargmax_heatmaps_backward(grads[0].to(dtype), h, beta, hm, hmax)
+    _assert_close(dh, hr.grad, tol, "dh")
+    _assert_close(dbeta, br.grad, tol, "dbeta")
     maps = torch.rand(shape, dtype=dtype, device=TRITON_DEVICE) + 0.1
+    want, want_grad = _keypoints_and_grad(hmo.heatmap_keypoints_ref, maps.double(), grads)
+    kpts, spread, published, mass = triton_kernels.heatmap_keypoints(maps)
+    for a, e, name in zip((kpts, spread, published), want, NAMES[1:]):
+        _assert_close(a, e, tol, name)
     used = 3 if shape[2] * shape[3] > 1 else 1
-    res = []
-    for fn in (lambda m: hmo.heatmap_keypoints(m, backend="triton"), heatmaps_to_keypoints):
-        m = maps.clone().requires_grad_()
-        out = fn(m)
-        sum((r.double() * g).sum() for r, g in zip(out[:used], grads[1:1 + used])).backward()
-        res.append((out, m.grad))
-    for x, y, name in zip(res[0][0], res[1][0], NAMES[1:]):
-        _assert_close(x, y, 1e-5, name)
-    _assert_close(res[0][1], res[1][1], 1e-5, "dmaps")
+    g = [grads[1 + i].to(dtype) if i < used else torch.zeros_like(t) for i, t in enumerate((kpts, spread, published))]
+    dmaps = triton_kernels.heatmap_keypoints_backward(*g, maps, kpts, spread, published, mass)
+    _assert_close(dmaps, want_grad, tol, "dmaps")
+    with torch.no_grad():  # the public functions run the same kernels
+        assert torch.equal(hmo.softargmax_heatmaps(h, beta, backend="triton"), hm)
+        assert torch.equal(hmo.heatmap_keypoints(maps, backend="triton")[0], kpts)
+    if TRITON_DEVICE == "cuda":  # the ops' CUDA kernels, with autograd
+        _compare(_grads_of(_head("triton"), h, beta, grads), _grads_of(_head_ref, h.double(), beta.double(), grads),
+                 tol)
+
+
+def test_triton_softargmax_ties(triton_kernels):
+    h = torch.randint(0, 3, (2, 3, 5, 4)).to(TRITON_DEVICE, torch.float64)
+    beta = torch.tensor([0.7, 1.0, 2.0], dtype=torch.float64, device=TRITON_DEVICE)
+    g = torch.randn(2, 3, 5, 4, dtype=torch.float64, device=TRITON_DEVICE)
+    hm, hmax = triton_kernels.softargmax_heatmaps(h, beta)
+    dh, _ = triton_kernels.softargmax_heatmaps_backward(g, h, beta, hm, hmax)
+    b = h.clone().requires_grad_()
+    (hmo.softargmax_heatmaps_ref(b, beta) * g).sum().backward()
+    torch.testing.assert_close(dh, b.grad)
 
 
 def test_triton_kernels_write_every_element(triton_kernels, nan_empty):
@@ -215,35 +230,28 @@ def test_triton_kernels_write_every_element(triton_kernels, nan_empty):
         assert torch.isfinite(t).all()
 
 
-def test_opcheck_triton(triton_kernels):
-    # the registration (fake, autograd) is shared with the cpp backend and fully checked there; here the
-    # Triton kernels are checked for schema conformance (no mutation/aliasing) and fake-tensor agreement
-    utils = ("test_schema", "test_faketensor")
-    h, beta, grads = _inputs((1, 2, 3, 4), torch.float32, device=TRITON_DEVICE)
-    torch.library.opcheck(hmo._head_op, (h.clone().requires_grad_(), beta.clone().requires_grad_(), "triton"),
-                          test_utils=utils)
-    hm, hmax = triton_kernels.softargmax_heatmaps(h, beta)
-    kpts, spread, published, mass = triton_kernels.heatmap_keypoints(hm)
-    g = [t.float() for t in grads]
-    torch.library.opcheck(hmo._head_backward_op, (g[0], h, beta, hm, hmax, g[1], g[2], g[3], kpts, spread, published,
-                                                  mass, "triton"), test_utils=utils)
+def _opcheck_all(device):
+    h, beta, grads = _inputs((2, 3, 4, 5), torch.float32, device=device)
+    torch.library.opcheck(hmo.SOFTARGMAX, (h.clone().requires_grad_(), beta.clone().requires_grad_()))
+    hm, hmax = hmo.SOFTARGMAX(h, beta)
+    torch.library.opcheck(hmo.SOFTARGMAX_BACKWARD, (grads[0].float(), h, beta, hm, hmax))
+    maps = (torch.rand(2, 3, 4, 5, device=device) + 0.1).requires_grad_()
+    torch.library.opcheck(hmo.KEYPOINTS, (maps,))
+    kpts, spread, published, mass = hmo.KEYPOINTS(maps.detach())
+    g = [t.float() for t in grads[1:]]
+    torch.library.opcheck(hmo.KEYPOINTS_BACKWARD, (*g, maps.detach(), kpts, spread, published, mass))
 
 
 @needs_cpp
-def test_opcheck_cpp():
-    h, beta, grads = _inputs((2, 3, 4, 5), torch.float32)
-    hr, br = h.clone().requires_grad_(), beta.clone().requires_grad_()
-    torch.library.opcheck(hmo._head_op, (hr, br, "cpp"))
-    torch.library.opcheck(hmo._softargmax_op, (hr, br, "cpp"))
-    torch.library.opcheck(hmo._keypoints_op, (torch.rand(2, 3, 4, 5, requires_grad=True), "cpp"))
-    hm, kpts, spread, published, hmax, mass = torch.ops.ldeq_fast.heatmap_head_cpu(h, beta)
-    g = [t.float() for t in grads]
-    torch.library.opcheck(hmo._head_backward_op, (g[0], h, beta, hm, hmax, g[1], g[2], g[3], kpts, spread, published,
-                                                  mass, "cpp"))
-    torch.library.opcheck(hmo._keypoints_backward_op, (g[1], g[2], g[3], hm, kpts, spread, published, mass, "cpp"))
-    torch.library.opcheck(torch.ops.ldeq_fast.heatmap_head_cpu.default, (h, beta))
-    torch.library.opcheck(torch.ops.ldeq_fast.heatmap_head_backward_cpu.default,
-                          (g[0], h, beta, hm, hmax, None, None, None, None, None, None, None))
+def test_opcheck_cpu():
+    """The ops with their CPU (C++) kernels: schema, fake impls, autograd registration."""
+    _opcheck_all("cpu")
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda():
+    """The ops with their CUDA (Triton) kernels."""
+    _opcheck_all("cuda")
 
 
 @needs_cpp
@@ -251,7 +259,7 @@ def test_torch_compile_cpu():
     h, beta, _ = _inputs((2, 3, 6, 6), torch.float32)
 
     def f(h, beta):
-        hm, kpts, spread, published = hmo.heatmap_head(h, beta, backend="cpp")
+        hm, kpts, spread, published = _head("cpp")(h, beta)
         return hm.mean() + kpts.sum() + spread.sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
@@ -267,14 +275,16 @@ def test_torch_compile_cpu():
 def test_bad_inputs_raise_clear_errors(backend):
     h = torch.randn(2, 3, 4, 4)
     with pytest.raises(ValueError, match="must be 4-D"):
-        hmo.heatmap_head(h[0], 1.0, backend=backend)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        hmo.heatmap_head(h.to(torch.int64), 1.0, backend=backend)
+        hmo.softargmax_heatmaps(h[0], 1.0, backend=backend)
+    with pytest.raises(TypeError, match="must be a floating-point tensor"):
+        hmo.softargmax_heatmaps(h.to(torch.int64), 1.0, backend=backend)
     with pytest.raises(ValueError, match=r"beta must be a scalar, \(K,\) or \(1, K, 1, 1\) with K=3"):
-        hmo.heatmap_head(h, torch.ones(4), backend=backend)
+        hmo.softargmax_heatmaps(h, torch.ones(4), backend=backend)
     with pytest.raises(TypeError, match="beta must be a float or a tensor"):
         hmo.softargmax_heatmaps(h, True, backend=backend)
     with pytest.raises(ValueError, match="H, W >= 1"):
         hmo.heatmap_keypoints(torch.rand(2, 3, 0, 4), backend=backend)
     with pytest.raises(TypeError, match="beta must be floating point"):
-        hmo.heatmap_head(h, torch.ones(3, dtype=torch.int64), backend=backend)
+        hmo.softargmax_heatmaps(h, torch.ones(3, dtype=torch.int64), backend=backend)
+    with pytest.raises(ValueError, match="must be 4-D"):
+        hmo.heatmap_keypoints(h[0], backend=backend)

@@ -7,12 +7,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_cpp
 
 from ldeq_fast.ops import leaky_relu_group_norm as gn
 from ldeq_fast.ops import triton_available
-
-needs_cpp = pytest.mark.skipif("cpp" not in gn.SUPPORTS,
-                               reason="ldeq_fast._C is not built (or predates the group-norm kernels)")
 
 # (N, C, H, W, groups): minimal (F.group_norm refuses N * H * W == 1), odd, G = 1 / 2 / C, and sizes that split one group / one row / one
 # channels_last image over several parallel tasks.
@@ -91,7 +89,7 @@ def test_cpp_matches_reference(shape, channels_last, dtype, nan_empty):
     want = _truth(x, w, b, G, grad)
     _check_all(got, want, 1e-5 if dtype == torch.float32 else 1e-10, x, w, G, grad)
     out, dx = got[0], got[1]
-    with torch.no_grad():  # direct kernel call, no custom-op / autograd layers
+    with torch.no_grad():  # without a graph: the same kernel
         assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="cpp"), out)
     assert out.dtype == dtype and dx.dtype == dtype
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -141,7 +139,18 @@ def test_optional_affine_and_strided_input():
 
 def _check_residual(backend, device, dtype, channels_last, residual_layout_differs):
     """out = group_norm(leaky_relu(x)) + residual in one op: values, and gradients of x, weight, bias and
-    the residual (its gradient is the output's) against the float64 eager composition."""
+    the residual (its gradient is the output's) against the float64 eager composition.  The Triton
+    interpreter path (CPU tensors) has no autograd: there the values alone."""
+    if backend == "triton" and device == "cpu":
+        x, w, b, G, _ = _inputs((2, 6, 9, 7, 3), dtype, channels_last)
+        res = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+        if channels_last != residual_layout_differs:
+            res = res.to(memory_format=torch.channels_last)
+        got = gn.leaky_relu_group_norm(x, w, b, G, residual=res, backend="triton")
+        _assert_close(got, gn.leaky_relu_group_norm_ref(x.double(), w.double(), b.double(), G, residual=res.double()),
+                      1e-5, "out")
+        assert got.stride() == x.stride()
+        return
     x, w, b, G, grad = _on(device, *_inputs((2, 6, 9, 7, 3), dtype, channels_last))
     res = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device, dtype)
     if channels_last != residual_layout_differs:
@@ -186,12 +195,13 @@ def test_torch_backend_is_the_reference():
     assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="torch"), F.group_norm(F.leaky_relu(x, 0.01), G, w, b))
 
 
-# Triton reads TRITON_INTERPRET when triton itself is imported, so on CPU the Triton tests of both cell-op
-# files (this one and test_heatmap.py) run in one child pytest started with it set
+# Triton reads TRITON_INTERPRET when triton itself is imported, so on CPU the Triton tests of the cell-op
+# files (this one and test_heatmap.py) and of the numeric policy (test_numerics.py) run in one child pytest
+# started with it set
 # (test_cellops_triton_in_interpreter); with a GPU they run in-process on CUDA tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
-TRITON_TEST_FILES = ("test_leaky_relu_group_norm.py", "test_heatmap.py")
+TRITON_TEST_FILES = ("test_leaky_relu_group_norm.py", "test_heatmap.py", "test_numerics.py")
 
 
 @pytest.mark.skipif(INTERPRETED or not triton_available(), reason="this is the child run, or triton is missing")
@@ -229,18 +239,18 @@ def test_triton_matches_reference(shape, channels_last, dtype, triton_kernels, n
     dx = torch.full_like(x, float("nan"))
     dx, dw, db = triton_kernels.leaky_relu_group_norm_backward(grad.to(dtype), x, w, mean, rstd, G, 0.01, dx=dx)
     _check_all((out, dx, dw, db), want, tol, x, w, G, grad)
-    # and through the public op, with autograd and without
-    got = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="triton")
-    _check_all(got, want, tol, x, w, G, grad)
-    with torch.no_grad():
-        assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="triton"), got[0])
+    with torch.no_grad():  # the public function runs the same kernel
+        assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="triton"), out)
+    if TRITON_DEVICE == "cuda":  # the op's CUDA kernel, with autograd
+        _check_all(_run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="triton"), want, tol, x, w, G, grad)
 
 
 def test_triton_bf16(triton_kernels):
     x, w, b, G, grad = _on(TRITON_DEVICE, *_inputs((2, 4, 5, 5, 2), torch.bfloat16, True))
-    got = _run(gn.leaky_relu_group_norm, x, w, b, G, grad, backend="triton")
-    assert got[0].dtype == torch.bfloat16
-    _check_all(got, _truth(x, w, b, G, grad), 2e-2, x, w, G, grad)
+    out, mean, rstd = triton_kernels.leaky_relu_group_norm(x, w, b, G, 1e-5, 0.01)
+    dx, dw, db = triton_kernels.leaky_relu_group_norm_backward(grad.to(x.dtype), x, w, mean, rstd, G, 0.01)
+    assert out.dtype == torch.bfloat16 and mean.dtype == torch.float32
+    _check_all((out, dx, dw, db), _truth(x, w, b, G, grad), 2e-2, x, w, G, grad)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
@@ -249,33 +259,27 @@ def test_triton_residual(channels_last, residual_layout_differs, triton_kernels,
     _check_residual("triton", TRITON_DEVICE, torch.float32, channels_last, residual_layout_differs)
 
 
-def test_opcheck_triton(triton_kernels):
-    # the registration (fake, autograd) is shared with the cpp backend and fully checked there; here the
-    # Triton kernels are checked for schema conformance (no mutation/aliasing) and fake-tensor agreement
-    utils = ("test_schema", "test_faketensor")
-    x, w, b, G, grad = _on(TRITON_DEVICE, *_inputs((1, 4, 3, 3, 2), torch.float32, True))
+@pytest.mark.gpu
+def test_opcheck_cuda(triton_kernels):
+    """The ops with their CUDA (Triton) kernels: schema, fake impl, autograd registration."""
+    x, w, b, G, grad = _on("cuda", *_inputs((1, 4, 3, 3, 2), torch.float32, True))
     xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, None, "triton"), test_utils=utils)
-    res = torch.randn_like(x).requires_grad_()
-    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, res, "triton"), test_utils=utils)
-    _, mean, rstd = triton_kernels.leaky_relu_group_norm(x, w, b, G, 1e-5, 0.01)
-    torch.library.opcheck(gn._fused_backward, (grad.float(), x, w, mean, rstd, G, 0.01, "triton"), test_utils=utils)
+    torch.library.opcheck(gn.FORWARD, (xr, wr, br, G, 1e-5, 0.01, None))
+    torch.library.opcheck(gn.FORWARD, (xr, wr, br, G, 1e-5, 0.01, torch.randn_like(x).requires_grad_()))
+    _, mean, rstd = gn.FORWARD(x, w, b, G, 1e-5, 0.01)
+    torch.library.opcheck(gn.BACKWARD, (grad.float(), x, w, mean, rstd, G, 0.01))
 
 
 @needs_cpp
-def test_opcheck_cpp():
+def test_opcheck_cpu():
+    """The ops with their CPU (C++) kernels: schema, fake impl, autograd registration, both layouts."""
     x, w, b, G, grad = _inputs((2, 4, 3, 5, 2), torch.float32, False)
-    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, None, "cpp"))
-    torch.library.opcheck(gn._fused, (xr, wr, br, G, 1e-5, 0.01, torch.randn_like(x).requires_grad_(), "cpp"))
-    _, mean, rstd = torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, w, b, G, 1e-5, 0.01)
-    torch.library.opcheck(gn._fused_backward, (grad.float(), x, w, mean, rstd, G, 0.01, "cpp"))
-    xc = x.to(memory_format=torch.channels_last)
-    torch.library.opcheck(torch.ops.ldeq_fast.leaky_relu_group_norm_cpu.default, (xc, w, b, G, 1e-5, 0.01))
-    torch.library.opcheck(torch.ops.ldeq_fast.leaky_relu_group_norm_cpu.default,
-                          (xc, w, b, G, 1e-5, 0.01, torch.randn_like(xc)))
-    torch.library.opcheck(torch.ops.ldeq_fast.leaky_relu_group_norm_backward_cpu.default,
-                          (grad.float(), x, w, mean, rstd, G, 0.01))
+    for xx in (x, x.to(memory_format=torch.channels_last)):
+        xr, wr, br = (t.clone().requires_grad_() for t in (xx, w, b))
+        torch.library.opcheck(gn.FORWARD, (xr, wr, br, G, 1e-5, 0.01, None))
+        torch.library.opcheck(gn.FORWARD, (xr, wr, br, G, 1e-5, 0.01, torch.randn_like(xx).requires_grad_()))
+    _, mean, rstd = gn.FORWARD(x, w, b, G, 1e-5, 0.01)
+    torch.library.opcheck(gn.BACKWARD, (grad.float(), x, w, mean, rstd, G, 0.01))
 
 
 @needs_cpp
@@ -324,20 +328,8 @@ def test_bad_inputs_raise_clear_errors(backend):
 def test_cpp_kernel_checks_its_arguments():
     x = torch.randn(2, 6, 4, 4)
     with pytest.raises(RuntimeError, match="must be >= 1 and divide"):
-        torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, torch.ones(6), torch.zeros(6), 4, 1e-5, 0.01)
+        gn.FORWARD(x, torch.ones(6), torch.zeros(6), 4, 1e-5, 0.01)
     with pytest.raises(RuntimeError, match="contiguous or channels_last"):
-        torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x[:, :, :, ::2], torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01)
+        gn.FORWARD(x[:, :, :, ::2], torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01)
     with pytest.raises(RuntimeError, match="residual must match x"):
-        torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01,
-                                                      x.to(memory_format=torch.channels_last))
-
-
-@needs_cpp
-def test_stale_extension_is_detected_by_op_schema():
-    """An extension built before an op gained an argument (the residual) is reported and not used, rather than
-    failing with a schema error at the first call."""
-    from ldeq_fast.ops import cpp_ops_present
-
-    assert cpp_ops_present("leaky_relu_group_norm_cpu(residual)")
-    with pytest.warns(RuntimeWarning, match="rebuild it"):
-        assert not cpp_ops_present("leaky_relu_group_norm_cpu(residual,an_argument_from_the_future)")
+        gn.FORWARD(x, torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01, x.to(memory_format=torch.channels_last))

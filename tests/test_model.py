@@ -47,12 +47,12 @@ def test_small_model_outputs(k, extra):
 
 
 def test_heatmaps_to_keypoints_known_values():
-    from ldeq_fast.model.layers import heatmaps_to_keypoints
+    from ldeq_fast.ops.heatmap import heatmap_keypoints_ref
 
     hm = torch.zeros(1, 2, 8, 8)
     hm[0, 0, 2, 5] = 1.0                       # a delta at row 2, column 5
     hm[0, 1, 4, 1] = hm[0, 1, 4, 3] = 1.0      # two deltas: mean column 2, spread 1 column
-    k, spread, published = heatmaps_to_keypoints(hm)
+    k, spread, published = heatmap_keypoints_ref(hm)
     scale = 1 / (1 + 1e-4)
     assert torch.allclose(k[0, 0], torch.tensor([5 / 8, 2 / 8]) * scale, atol=1e-6)
     assert torch.allclose(k[0, 1], torch.tensor([2 / 8, 4 / 8]) * (2 / (2 + 1e-4)), atol=1e-6)

@@ -496,19 +496,7 @@ void anderson_mix_cpu(const at::Tensor& F, const at::Tensor& G, const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(ldeq_fast, m) {
-  m.def(
-      "anderson_update(Tensor fx, Tensor x, Tensor(a!) F, Tensor(b!) G, Tensor(c!) gram, Tensor active, int slot, "
-      "int n) -> Tensor");
-  m.def(
-      "anderson_step(Tensor gram, Tensor norms, Tensor(a!) flags, Tensor(b!) stat, Tensor(c!) nstep, "
-      "Tensor(d!) trace, int k, int n, float tol, bool stop_rel, float lam, bool lam_scaled, "
-      "float divergence_factor) -> Tensor");
-  m.def(
-      "anderson_mix(Tensor F, Tensor G, Tensor alpha, Tensor flags, Tensor(a!) x, Tensor(b!) best, int slot, int n, "
-      "float beta, bool mix) -> ()");
-}
-
+// Schemas: ldeq_fast/ops/anderson.py (defined in Python so the Triton path needs no extension).
 TORCH_LIBRARY_IMPL(ldeq_fast, CPU, m) {
   m.impl("anderson_update", &anderson_update_cpu);
   m.impl("anderson_step", &anderson_step_cpu);

@@ -7,13 +7,13 @@
 //   vx = sum p (col - mx)^2,  vy = sum p (row - my)^2                 spread = sqrt(vx/2 + vy/2) / H
 //   pvx = sum p (col - mx/H)^2 (the published formula)                published = sqrt(pvx/2 + pvy/2) / H
 //
-// Forward passes per heatmap: the max (softargmax only); hm with its mass and first moments; the
+// softargmax_heatmaps: the max, then hm.  heatmap_keypoints, per heatmap: the mass and first moments; the
 // central second moment vx + vy about the means (no cancellation).  The published terms follow
 // exactly: pvx = vx + 2 (mx - ax) mx (1 - P) + (mx - ax)^2 P with ax = mx / H (same for y).
 //
 // Backward: every output is a function of the moments, so dL/dhm[r, c] = c0 + fy[r] + fx[c] with
-// fx, fy quadratics in (col - mx), (row - my); the softargmax backward adds beta * g * hm and sends
-// -beta * sum(g * hm) to the max position(s), split evenly among ties like torch.amax.
+// fx, fy quadratics in (col - mx), (row - my).  The softargmax backward is dh = beta * g * hm with
+// -beta * sum(g * hm) sent to the max position(s), split evenly among ties like torch.amax.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -106,14 +105,10 @@ struct Heat {
     }
   }
 
-  // Keypoint statistics of one H x W heatmap.  With kExp the heatmap is first computed from the raw
-  // features `src` (hm = exp(beta * (src - hmax)), written to `hm_out`); otherwise `src` is the heatmap.
-  // `wx` is scratch of W values.  Vector lanes accumulate at most kFoldElems elements before folding
-  // into double.
-  template <bool kExp>
-  static KeypointStats keypoints(const scalar_t* src, scalar_t* hm_out, int64_t H, int64_t W, acc_t beta,
-                                 acc_t hmax, acc_t* wx) {
-    const Vec vb(beta), vm(hmax), step(static_cast<acc_t>(kSize)), iota = Vec::arange(acc_t(0), acc_t(1));
+  // Keypoint statistics of one H x W heatmap `hm`.  `wx` is scratch of W values.  Vector lanes accumulate
+  // at most kFoldElems elements before folding into double.
+  static KeypointStats keypoints(const scalar_t* hm, int64_t H, int64_t W, acc_t* wx) {
+    const Vec step(static_cast<acc_t>(kSize)), iota = Vec::arange(acc_t(0), acc_t(1));
     const int64_t fold = std::max<int64_t>(1, kFoldElems / W);
     double S0 = 0.0, Sx = 0.0, Sy = 0.0;
     for (int64_t r0 = 0; r0 < H; r0 += fold) {
@@ -122,13 +117,7 @@ struct Heat {
         Vec rs(acc_t(0)), col = iota;
         for (int64_t c = 0; c < W; c += kSize) {
           const int64_t m = std::min(kSize, W - c);
-          Vec v;
-          if constexpr (kExp) {
-            v = IO::head((vb * (IO::load(src + r * W + c, m) - vm)).exp(), m);
-            IO::store(hm_out + r * W + c, v, m);
-          } else {
-            v = IO::load(src + r * W + c, m);
-          }
+          const Vec v = IO::load(hm + r * W + c, m);
           rs = rs + v;
           sx = at::vec::fmadd(v, col, sx);
           col = col + step;
@@ -140,7 +129,6 @@ struct Heat {
       Sx += IO::sum(sx);
       Sy += IO::sum(sy);
     }
-    const scalar_t* hm = kExp ? hm_out : src;
     const double d = kMassEps + S0;
     const double mx = Sx / d, my = Sy / d, P = S0 / d;
     for (int64_t c = 0; c < W; ++c) {
@@ -179,49 +167,34 @@ struct Heat {
     }
   }
 
-  // dh (and this heatmap's share of dbeta) of hm = exp(beta * (h - max h)) given the total gradient
-  // of hm, gt = g + [kp ? c0 + fy[r] + fx[c]]; fx (W) / fy (H) are acc_t arrays.
-  static double softargmax_backward(const scalar_t* g, const scalar_t* h, const scalar_t* hm, scalar_t* dh, int64_t H,
-                                    int64_t W, acc_t beta, acc_t hmax, const KeypointGrad* kp, const acc_t* fx,
-                                    const acc_t* fy) {
+  // dh (and this heatmap's share of dbeta) of hm = exp(beta * (h - max h)) given the gradient g of hm.
+  static double softargmax_backward(const scalar_t* g, const scalar_t* h, const scalar_t* hm, scalar_t* dh, int64_t n,
+                                    acc_t beta, acc_t hmax) {
     const Vec vm(hmax), vb(beta);
-    // pass 1: S = sum gt * hm, Sb = sum gt * hm * (h - hmax), ties
+    // pass 1: S = sum g * hm, Sb = sum g * hm * (h - hmax), ties
     double S = 0.0, Sb = 0.0;
     int64_t ties = 0;
-    const int64_t fold = std::max<int64_t>(1, kFoldElems / W);
-    for (int64_t r0 = 0; r0 < H; r0 += fold) {
+    for (int64_t i0 = 0; i0 < n; i0 += kFoldElems) {
       Vec s(acc_t(0)), sb(acc_t(0));
-      for (int64_t r = r0; r < std::min(H, r0 + fold); ++r) {
-        const Vec row(kp ? static_cast<acc_t>(kp->c0 + fy[r]) : acc_t(0));
-        for (int64_t c = 0; c < W; c += kSize) {
-          const int64_t m = std::min(kSize, W - c);
-          const int64_t off = r * W + c;
-          Vec gt = IO::load(g + off, m);
-          if (kp) gt = gt + row + Vec::loadu(fx + c, m);
-          const Vec hc = IO::load(h + off, m) - vm;
-          const Vec t = IO::head(gt * IO::load(hm + off, m), m);
-          s = s + t;
-          sb = at::vec::fmadd(t, hc, sb);
-          ties += __builtin_popcount(static_cast<unsigned>(hc.zero_mask()) & ((1u << m) - 1u));
-        }
+      for (int64_t i = i0; i < std::min(n, i0 + kFoldElems); i += kSize) {
+        const int64_t m = std::min(kSize, n - i);
+        const Vec hc = IO::load(h + i, m) - vm;
+        const Vec t = IO::head(IO::load(g + i, m) * IO::load(hm + i, m), m);
+        s = s + t;
+        sb = at::vec::fmadd(t, hc, sb);
+        ties += __builtin_popcount(static_cast<unsigned>(hc.zero_mask()) & ((1u << m) - 1u));
       }
       S += IO::sum(s);
       Sb += IO::sum(sb);
     }
-    // pass 2: dh = beta * (gt * hm - [h == hmax] * S / ties)
+    // pass 2: dh = beta * (g * hm - [h == hmax] * S / ties)
     const Vec share(static_cast<acc_t>(ties > 0 ? S / static_cast<double>(ties) : 0.0));
     const Vec zero(acc_t(0));
-    for (int64_t r = 0; r < H; ++r) {
-      const Vec row(kp ? static_cast<acc_t>(kp->c0 + fy[r]) : acc_t(0));
-      for (int64_t c = 0; c < W; c += kSize) {
-        const int64_t m = std::min(kSize, W - c);
-        const int64_t off = r * W + c;
-        Vec gt = IO::load(g + off, m);
-        if (kp) gt = gt + row + Vec::loadu(fx + c, m);
-        const Vec at_max = IO::load(h + off, m) == vm;
-        const Vec t = gt * IO::load(hm + off, m) - Vec::blendv(zero, share, at_max);
-        IO::store(dh + off, vb * t, m);
-      }
+    for (int64_t i = 0; i < n; i += kSize) {
+      const int64_t m = std::min(kSize, n - i);
+      const Vec at_max = IO::load(h + i, m) == vm;
+      const Vec t = IO::load(g + i, m) * IO::load(hm + i, m) - Vec::blendv(zero, share, at_max);
+      IO::store(dh + i, vb * t, m);
     }
     return Sb;
   }
@@ -255,98 +228,102 @@ void check_beta(const at::Tensor& h, const at::Tensor& beta, const char* op) {
               ": beta must be a contiguous tensor of h's dtype");
 }
 
-at::Tensor check_small(const std::optional<at::Tensor>& t, const at::Tensor& h, std::vector<int64_t> shape,
-                       const char* name) {
-  TORCH_CHECK(t.has_value() && t->defined(), "heatmap backward: ", name, " is required with keypoint gradients");
-  TORCH_CHECK(t->sizes() == at::IntArrayRef(shape), "heatmap backward: ", name, " must have shape ",
-              at::IntArrayRef(shape), ", got ", t->sizes());
-  return t->to(h.scalar_type()).contiguous();
-}
-
-// Outputs of the forward entry points; unused ones are undefined tensors.
-struct HeadOut {
-  at::Tensor hm, hmax, kpts, spread, published, mass;
-};
-
-// exp: h -> hm (and hmax); keypoints: statistics of hm (computed, or `h` itself without exp).
-template <typename scalar_t>
-void head_forward(const at::Tensor& h, const at::Tensor* beta, HeadOut& o, bool with_exp, bool with_keypoints) {
-  using Kn = Heat<scalar_t>;
-  using acc_t = typename Kn::acc_t;
-  const int64_t B = h.size(0), K = h.size(1), H = h.size(2), W = h.size(3), HW = H * W;
-  const scalar_t* hp = h.const_data_ptr<scalar_t>();
-  scalar_t* hmp = with_exp ? o.hm.data_ptr<scalar_t>() : nullptr;
-  scalar_t* maxp = with_exp ? o.hmax.data_ptr<scalar_t>() : nullptr;
-  const scalar_t* bp = with_exp ? beta->const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* kp = with_keypoints ? o.kpts.data_ptr<scalar_t>() : nullptr;
-  scalar_t* sp = with_keypoints ? o.spread.data_ptr<scalar_t>() : nullptr;
-  scalar_t* pp = with_keypoints ? o.published.data_ptr<scalar_t>() : nullptr;
-  scalar_t* mp = with_keypoints ? o.mass.data_ptr<scalar_t>() : nullptr;
-  at::parallel_for(0, B * K, grain_for(HW), [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> wx(W);
-    for (int64_t i = b0; i < b1; ++i) {
-      const scalar_t* hi = hp + i * HW;
-      acc_t hmax = 0, beta_k = 0;
-      if (with_exp) {
-        hmax = Kn::max_of(hi, HW);
-        maxp[i] = hmax;
-        beta_k = bp[i % K];
-        if (!with_keypoints) {
-          Kn::normalize(hi, hmp + i * HW, HW, beta_k, hmax);
-          continue;
-        }
-      }
-      const KeypointStats s = with_exp
-          ? Kn::template keypoints<true>(hi, hmp + i * HW, H, W, beta_k, hmax, wx.data())
-          : Kn::template keypoints<false>(hi, nullptr, H, W, beta_k, hmax, wx.data());
-      kp[2 * i] = static_cast<scalar_t>(s.kx);
-      kp[2 * i + 1] = static_cast<scalar_t>(s.ky);
-      sp[i] = static_cast<scalar_t>(s.spread);
-      pp[i] = static_cast<scalar_t>(s.published);
-      mp[i] = static_cast<scalar_t>(s.mass);
-    }
-  });
-}
-
-HeadOut run_forward(const at::Tensor& h, const at::Tensor* beta, bool with_exp, bool with_keypoints,
-                    const char* op) {
-  require_vector_isa(op);
-  check_maps(h, op, with_exp ? "h" : "hm");
-  if (with_exp) check_beta(h, *beta, op);
-  const int64_t B = h.size(0), K = h.size(1);
-  TORCH_CHECK(h.size(2) > 0 && h.size(3) > 0, op, ": heatmaps must have H, W >= 1, got ", h.sizes());
-  HeadOut o;
-  if (with_exp) {
-    o.hm = at::empty_like(h);
-    o.hmax = at::empty({B, K}, h.options());
-  }
-  if (with_keypoints) {
-    o.kpts = at::empty({B, K, 2}, h.options());
-    o.spread = at::empty({B, K}, h.options());
-    o.published = at::empty({B, K}, h.options());
-    o.mass = at::empty({B, K}, h.options());
-  }
-  if (h.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "heatmap_forward_cpu",
-                               [&] { head_forward<scalar_t>(h, beta, o, with_exp, with_keypoints); });
-  }
-  return o;
+void check_same(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type(), op, ": ", name,
+              " must match the maps in shape and dtype, got ", t.sizes(), " ", t.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> softargmax_heatmaps_cpu(const at::Tensor& h, const at::Tensor& beta) {
-  HeadOut o = run_forward(h, &beta, true, false, "softargmax_heatmaps");
-  return {o.hm, o.hmax};
+  const char* op = "softargmax_heatmaps";
+  require_vector_isa(op);
+  check_maps(h, op, "h");
+  check_beta(h, beta, op);
+  const int64_t B = h.size(0), K = h.size(1), HW = h.size(2) * h.size(3);
+  auto hm = at::empty_like(h);
+  auto hmax = at::empty({B, K}, h.options());
+  if (h.numel() == 0) return {hm, hmax};
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "softargmax_heatmaps_cpu", [&] {
+    using Kn = Heat<scalar_t>;
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* bp = beta.const_data_ptr<scalar_t>();
+    scalar_t* hmp = hm.data_ptr<scalar_t>();
+    scalar_t* maxp = hmax.data_ptr<scalar_t>();
+    at::parallel_for(0, B * K, grain_for(HW), [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        const auto m = Kn::max_of(hp + i * HW, HW);
+        maxp[i] = m;
+        Kn::normalize(hp + i * HW, hmp + i * HW, HW, bp[i % K], m);
+      }
+    });
+  });
+  return {hm, hmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> softargmax_heatmaps_backward_cpu(const at::Tensor& g_hm, const at::Tensor& h,
+                                                                    const at::Tensor& beta, const at::Tensor& hm,
+                                                                    const at::Tensor& hmax) {
+  const char* op = "softargmax_heatmaps_backward";
+  require_vector_isa(op);
+  check_maps(h, op, "h");
+  check_beta(h, beta, op);
+  check_same(hm, h, op, "hm");
+  TORCH_CHECK(g_hm.sizes() == h.sizes(), op, ": the gradient must have h's shape ", h.sizes());
+  const int64_t B = h.size(0), K = h.size(1), HW = h.size(2) * h.size(3);
+  TORCH_CHECK(hmax.sizes() == at::IntArrayRef({B, K}), op, ": hmax must be (", B, ", ", K, ")");
+  const auto g = g_hm.to(h.scalar_type()).contiguous();
+  const auto hm_c = hm.contiguous();
+  const auto hmax_c = hmax.to(h.scalar_type()).contiguous();
+  auto dh = at::empty_like(h);
+  std::vector<double> dbeta_part(B * K);
+  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "softargmax_heatmaps_backward_cpu", [&] {
+    using Kn = Heat<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* hp = h.const_data_ptr<scalar_t>();
+    const scalar_t* hmp = hm_c.const_data_ptr<scalar_t>();
+    const scalar_t* mp = hmax_c.const_data_ptr<scalar_t>();
+    const scalar_t* bp = beta.const_data_ptr<scalar_t>();
+    scalar_t* dp = dh.data_ptr<scalar_t>();
+    at::parallel_for(0, B * K, grain_for(HW), [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0; i < b1; ++i) {
+        dbeta_part[i] = Kn::softargmax_backward(gp + i * HW, hp + i * HW, hmp + i * HW, dp + i * HW, HW, bp[i % K],
+                                                mp[i]);
+      }
+    });
+  });
+  auto dbeta = at::zeros({K}, h.options().dtype(at::kDouble));
+  double* dbp = dbeta.data_ptr<double>();
+  for (int64_t i = 0; i < B * K; ++i) dbp[i % K] += dbeta_part[i];  // a fixed order: deterministic
+  return {dh, dbeta.to(beta.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> heatmap_keypoints_cpu(const at::Tensor& hm) {
-  HeadOut o = run_forward(hm, nullptr, false, true, "heatmap_keypoints");
-  return {o.kpts, o.spread, o.published, o.mass};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> heatmap_head_cpu(
-    const at::Tensor& h, const at::Tensor& beta) {
-  HeadOut o = run_forward(h, &beta, true, true, "heatmap_head");
-  return {o.hm, o.kpts, o.spread, o.published, o.hmax, o.mass};
+  const char* op = "heatmap_keypoints";
+  require_vector_isa(op);
+  check_maps(hm, op, "hm");
+  const int64_t B = hm.size(0), K = hm.size(1), H = hm.size(2), W = hm.size(3), HW = H * W;
+  TORCH_CHECK(H > 0 && W > 0, op, ": heatmaps must have H, W >= 1, got ", hm.sizes());
+  auto kpts = at::empty({B, K, 2}, hm.options());
+  auto spread = at::empty({B, K}, hm.options()), published = at::empty({B, K}, hm.options());
+  auto mass = at::empty({B, K}, hm.options());
+  if (hm.numel() == 0) return {kpts, spread, published, mass};
+  AT_DISPATCH_FLOATING_TYPES(hm.scalar_type(), "heatmap_keypoints_cpu", [&] {
+    using Kn = Heat<scalar_t>;
+    const scalar_t* hp = hm.const_data_ptr<scalar_t>();
+    scalar_t *kp = kpts.data_ptr<scalar_t>(), *sp = spread.data_ptr<scalar_t>();
+    scalar_t *pp = published.data_ptr<scalar_t>(), *mp = mass.data_ptr<scalar_t>();
+    at::parallel_for(0, B * K, grain_for(HW), [&](int64_t b0, int64_t b1) {
+      std::vector<typename Kn::acc_t> wx(W);
+      for (int64_t i = b0; i < b1; ++i) {
+        const KeypointStats s = Kn::keypoints(hp + i * HW, H, W, wx.data());
+        kp[2 * i] = static_cast<scalar_t>(s.kx);
+        kp[2 * i + 1] = static_cast<scalar_t>(s.ky);
+        sp[i] = static_cast<scalar_t>(s.spread);
+        pp[i] = static_cast<scalar_t>(s.published);
+        mp[i] = static_cast<scalar_t>(s.mass);
+      }
+    });
+  });
+  return {kpts, spread, published, mass};
 }
 
 // Gradients of (kpts, spread, published) w.r.t. the heatmap, as per-heatmap coefficient sets.
@@ -404,75 +381,14 @@ at::Tensor heatmap_keypoints_backward_cpu(const at::Tensor& g_kpts, const at::Te
   return dhm;
 }
 
-std::tuple<at::Tensor, at::Tensor> heatmap_head_backward_cpu(
-    const at::Tensor& g_hm, const at::Tensor& h, const at::Tensor& beta, const at::Tensor& hm, const at::Tensor& hmax,
-    const std::optional<at::Tensor>& g_kpts, const std::optional<at::Tensor>& g_spread,
-    const std::optional<at::Tensor>& g_pub, const std::optional<at::Tensor>& kpts,
-    const std::optional<at::Tensor>& spread, const std::optional<at::Tensor>& published,
-    const std::optional<at::Tensor>& mass) {
-  require_vector_isa("heatmap_head_backward");
-  check_maps(h, "heatmap_head_backward", "h");
-  check_beta(h, beta, "heatmap_head_backward");
-  TORCH_CHECK(hm.sizes() == h.sizes() && g_hm.sizes() == h.sizes(),
-              "heatmap_head_backward: hm and grad must have h's shape ", h.sizes());
-  const int64_t B = h.size(0), K = h.size(1), H = h.size(2), W = h.size(3), HW = H * W;
-  TORCH_CHECK(hmax.sizes() == at::IntArrayRef({B, K}), "heatmap_head_backward: hmax must be (", B, ", ", K, ")");
-  const bool with_kp = g_kpts.has_value() && g_kpts->defined();
-  std::vector<KeypointGrad> kg;
-  if (with_kp) {
-    kg = keypoint_grads(check_small(g_kpts, h, {B, K, 2}, "g_kpts"), check_small(g_spread, h, {B, K}, "g_spread"),
-                        check_small(g_pub, h, {B, K}, "g_published"), check_small(kpts, h, {B, K, 2}, "kpts"),
-                        check_small(spread, h, {B, K}, "spread"), check_small(published, h, {B, K}, "published"),
-                        check_small(mass, h, {B, K}, "mass"), H);
-  }
-  const auto g = g_hm.to(h.scalar_type()).contiguous();
-  const auto hm_c = hm.contiguous();
-  const auto hmax_c = hmax.contiguous();
-  auto dh = at::empty_like(h);
-  std::vector<double> dbeta_part(B * K);
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "heatmap_head_backward_cpu", [&] {
-    using Kn = Heat<scalar_t>;
-    using acc_t = typename Kn::acc_t;
-    const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    const scalar_t* hp = h.const_data_ptr<scalar_t>();
-    const scalar_t* hmp = hm_c.const_data_ptr<scalar_t>();
-    const scalar_t* mp = hmax_c.const_data_ptr<scalar_t>();
-    const scalar_t* bp = beta.const_data_ptr<scalar_t>();
-    scalar_t* dp = dh.data_ptr<scalar_t>();
-    at::parallel_for(0, B * K, grain_for(HW), [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> fx(W), fy(H);
-      for (int64_t i = b0; i < b1; ++i) {
-        if (with_kp) fill_terms(kg[i], H, W, fx.data(), fy.data());
-        dbeta_part[i] = Kn::softargmax_backward(gp + i * HW, hp + i * HW, hmp + i * HW, dp + i * HW, H, W, bp[i % K],
-                                                mp[i], with_kp ? &kg[i] : nullptr, fx.data(), fy.data());
-      }
-    });
-  });
-  auto dbeta = at::zeros({K}, h.options().dtype(at::kDouble));
-  double* dbp = dbeta.data_ptr<double>();
-  for (int64_t i = 0; i < B * K; ++i) dbp[i % K] += dbeta_part[i];
-  return {dh, dbeta.to(beta.scalar_type())};
-}
-
 }  // namespace
 }  // namespace cpu
 }  // namespace ldeq_fast
 
-TORCH_LIBRARY_FRAGMENT(ldeq_fast, m) {
-  m.def("softargmax_heatmaps_cpu(Tensor h, Tensor beta) -> (Tensor, Tensor)");
-  m.def("heatmap_keypoints_cpu(Tensor hm) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("heatmap_head_cpu(Tensor h, Tensor beta) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("heatmap_keypoints_backward_cpu(Tensor g_kpts, Tensor g_spread, Tensor g_published, Tensor hm, "
-        "Tensor kpts, Tensor spread, Tensor published, Tensor mass) -> Tensor");
-  m.def("heatmap_head_backward_cpu(Tensor g_hm, Tensor h, Tensor beta, Tensor hm, Tensor hmax, Tensor? g_kpts, "
-        "Tensor? g_spread, Tensor? g_published, Tensor? kpts, Tensor? spread, Tensor? published, Tensor? mass) "
-        "-> (Tensor, Tensor)");
-}
-
+// Schemas: ldeq_fast/ops/heatmap.py (defined in Python so the Triton path needs no extension).
 TORCH_LIBRARY_IMPL(ldeq_fast, CPU, m) {
-  m.impl("softargmax_heatmaps_cpu", &ldeq_fast::cpu::softargmax_heatmaps_cpu);
-  m.impl("heatmap_keypoints_cpu", &ldeq_fast::cpu::heatmap_keypoints_cpu);
-  m.impl("heatmap_head_cpu", &ldeq_fast::cpu::heatmap_head_cpu);
-  m.impl("heatmap_keypoints_backward_cpu", &ldeq_fast::cpu::heatmap_keypoints_backward_cpu);
-  m.impl("heatmap_head_backward_cpu", &ldeq_fast::cpu::heatmap_head_backward_cpu);
+  m.impl("softargmax_heatmaps", &ldeq_fast::cpu::softargmax_heatmaps_cpu);
+  m.impl("softargmax_heatmaps_backward", &ldeq_fast::cpu::softargmax_heatmaps_backward_cpu);
+  m.impl("heatmap_keypoints", &ldeq_fast::cpu::heatmap_keypoints_cpu);
+  m.impl("heatmap_keypoints_backward", &ldeq_fast::cpu::heatmap_keypoints_backward_cpu);
 }

@@ -566,14 +566,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> leaky_relu_group_norm_backward_cp
 }  // namespace cpu
 }  // namespace ldeq_fast
 
-TORCH_LIBRARY_FRAGMENT(ldeq_fast, m) {
-  m.def("leaky_relu_group_norm_cpu(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, "
-        "float slope, Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
-  m.def("leaky_relu_group_norm_backward_cpu(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, "
-        "Tensor rstd, int num_groups, float slope) -> (Tensor, Tensor, Tensor)");
-}
-
+// Schemas: ldeq_fast/ops/leaky_relu_group_norm.py (defined in Python so the Triton path needs no extension).
 TORCH_LIBRARY_IMPL(ldeq_fast, CPU, m) {
-  m.impl("leaky_relu_group_norm_cpu", &ldeq_fast::cpu::leaky_relu_group_norm_cpu);
-  m.impl("leaky_relu_group_norm_backward_cpu", &ldeq_fast::cpu::leaky_relu_group_norm_backward_cpu);
+  m.impl("leaky_relu_group_norm", &ldeq_fast::cpu::leaky_relu_group_norm_cpu);
+  m.impl("leaky_relu_group_norm_backward", &ldeq_fast::cpu::leaky_relu_group_norm_backward_cpu);
 }

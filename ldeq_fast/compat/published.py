@@ -23,8 +23,8 @@ import warnings
 
 import torch
 
+from ldeq_fast import numerics
 from ldeq_fast.deq import SolverSettings, _ImplicitGrad, deq_fixed_point
-from ldeq_fast.model.layers import heatmaps_to_keypoints, softargmax_normalize
 from ldeq_fast.model.ldeq import LDEQ as _LDEQ
 from ldeq_fast.model.published import (
     CheckpointError,
@@ -32,6 +32,7 @@ from ldeq_fast.model.published import (
     published_args_to_config,
     read_checkpoint,
 )
+from ldeq_fast.ops.heatmap import heatmap_keypoints_ref, softargmax_heatmaps_ref
 from ldeq_fast.solvers.published import anderson_published, fixed_point_published
 
 __all__ = ["root_solver", "LDEQ", "weights_init", "load_checkpoint"]
@@ -253,8 +254,12 @@ class LDEQ(_LDEQ):
         if fast and save_trajectory and mode == "implicit":
             raise ValueError("save_trajectory needs the published solver semantics (fast=False): the per-sample "
                              "solver does not keep its iterates")
+        with numerics.cpu_bf16_guard(x.device.type):
+            return self._forward(x, mode, args, z0, save_trajectory, fast)
+
+    def _forward(self, x, mode, args, z0, save_trajectory, fast):
         injection = self.injection(x)
-        z0 = self.zeros_z0(x).to(injection.dtype) if z0 is None else z0.to(injection.dtype)
+        z0 = self.zeros_z0(x) if z0 is None else numerics.to_state(z0, self.state_dtype)
         f = self.cell_fn(injection)
         logs, trajectory, self.last_stats = None, [], None
         if mode == "explicit":
@@ -270,7 +275,7 @@ class LDEQ(_LDEQ):
             z, logs, trajectory, self.last_stats = self._implicit_published(f, z0, args, save_trajectory)
         heat = z[:, : self.cfg.n_keypoints]
         if self.cfg.cell_norm == "none":  # the published model normalises raw cell features here
-            heat = softargmax_normalize(heat, self.cfg.softargmax_beta)
-        keypoints, _, uncertainty = heatmaps_to_keypoints(heat)
+            heat = softargmax_heatmaps_ref(heat, self.cfg.softargmax_beta)
+        keypoints, _, uncertainty = heatmap_keypoints_ref(heat)
         return {"keypoints": keypoints, "uncertainty": uncertainty, "fwd_logs": logs, "z_star": z.detach(),
                 "trajectory": trajectory}

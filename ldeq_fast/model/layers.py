@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldeq_fast.model.recompute import remember
+from ldeq_fast.ops.heatmap import softargmax_heatmaps
+from ldeq_fast.ops.leaky_relu_group_norm import leaky_relu_group_norm
 
 LEAKY_SLOPE = 0.01
 
@@ -53,8 +55,6 @@ class ConvBlock(nn.Module):
 
     def _fused_epilogue(self, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         residual: torch.Tensor | None = None) -> torch.Tensor:
-        from ldeq_fast.ops.leaky_relu_group_norm import leaky_relu_group_norm
-
         return leaky_relu_group_norm(y, weight, bias, self.norm.num_groups, self.norm.eps, LEAKY_SLOPE,
                                      residual=residual, backend=self.epilogue_backend)
 
@@ -138,11 +138,6 @@ class Hourglass(nn.Module):
         return out
 
 
-def softargmax_normalize(h: torch.Tensor, beta) -> torch.Tensor:
-    """exp(beta * (h - max_{H,W} h)) per channel: heatmaps in (0, 1] peaking at exactly 1."""
-    return torch.exp(beta * (h - h.amax(dim=(2, 3), keepdim=True)))
-
-
 def linear_normalize(h: torch.Tensor) -> torch.Tensor:
     lo, hi = h.amin(dim=(2, 3), keepdim=True), h.amax(dim=(2, 3), keepdim=True)
     return (h - lo) / (hi - lo + 1e-5)
@@ -151,7 +146,7 @@ def linear_normalize(h: torch.Tensor) -> torch.Tensor:
 class HeatmapNorm(nn.Module):
     """The cell's last op: maps head features to heatmaps in [0, 1]."""
 
-    epilogue_backend = "torch"   # as ConvBlock: anything but 'torch' uses the fused softargmax op
+    epilogue_backend = "torch"   # the softargmax op's backend (LDEQ sets it from its config, as for ConvBlock)
 
     def __init__(self, channels: int, mode: str = "softargmax", beta: float = 1.0, learn_beta: bool = False):
         super().__init__()
@@ -171,40 +166,10 @@ class HeatmapNorm(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.mode == "softargmax":
-            if self.epilogue_backend != "torch":
-                from ldeq_fast.ops.heatmap import softargmax_heatmaps
-
-                return softargmax_heatmaps(h, self.effective_beta(), backend=self.epilogue_backend)
-            return softargmax_normalize(h, self.effective_beta())
+            return softargmax_heatmaps(h, self.effective_beta(), backend=self.epilogue_backend)
         if self.mode == "linear":
             return linear_normalize(h)
         return h
-
-
-def heatmaps_to_keypoints(heatmaps: torch.Tensor):
-    """Expected coordinates of normalised heatmaps.
-
-    Returns (keypoints (B,K,2) in [0,1) as (x, y) / H, spread (B,K), published_uncertainty (B,K)).
-    ``spread`` is the true RMS spread sqrt(0.5 var_x + 0.5 var_y) / H around the mean (pixel units
-    for both terms).  ``published_uncertainty`` reproduces the published formula, which subtracts the
-    normalised mean from pixel indices and so measures position rather than spread.
-    """
-    B, K, H, W = heatmaps.shape
-    hm = heatmaps.float()
-    p = hm / (1e-4 + hm.sum(dim=(2, 3), keepdim=True))
-    cols = torch.arange(W, device=hm.device, dtype=hm.dtype).view(1, 1, 1, W)
-    rows = torch.arange(H, device=hm.device, dtype=hm.dtype).view(1, 1, H, 1)
-    px, py = p.sum(dim=2), p.sum(dim=3)          # marginals (B,K,W), (B,K,H)
-    mx = (px * cols.view(1, 1, W)).sum(-1)       # mean column, pixels
-    my = (py * rows.view(1, 1, H)).sum(-1)
-    kpts = torch.stack((mx / H, my / H), dim=2)
-    var_x = (px * (cols.view(1, 1, W) - mx.unsqueeze(-1)) ** 2).sum(-1)
-    var_y = (py * (rows.view(1, 1, H) - my.unsqueeze(-1)) ** 2).sum(-1)
-    spread = torch.sqrt(0.5 * var_x + 0.5 * var_y) / H
-    pvx = (px * (cols.view(1, 1, W) - (mx / H).unsqueeze(-1)) ** 2).sum(-1)
-    pvy = (py * (rows.view(1, 1, H) - (my / H).unsqueeze(-1)) ** 2).sum(-1)
-    published = torch.sqrt(0.5 * pvx + 0.5 * pvy) / H
-    return kpts, spread, published
 
 
 class Cell(nn.Module):

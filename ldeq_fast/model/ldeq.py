@@ -9,27 +9,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from ldeq_fast import numerics
 from ldeq_fast.config import LDEQConfig
 from ldeq_fast.deq import BackwardLog, SolverSettings, deq_fixed_point
-from ldeq_fast.model.layers import (
-    Cell,
-    ConvBlock,
-    HeatmapNorm,
-    Stem,
-    softargmax_normalize,
-)
+from ldeq_fast.model.layers import Cell, ConvBlock, HeatmapNorm, Stem
 from ldeq_fast.model.recompute import EpilogueRecompute, recompute_stem
-from ldeq_fast.ops import heatmap as heatmap_ops  # a module reference: ops.heatmap imports model.layers
+from ldeq_fast.ops import recording_backends
+from ldeq_fast.ops.heatmap import heatmap_keypoints, softargmax_heatmaps_ref
 
 
 @dataclass
 class LDEQOutput:
     keypoints: torch.Tensor              # (B, K, 2) in [0, 1): (x, y) / heatmap size
     uncertainty: torch.Tensor            # (B, K) RMS spread of each heatmap around its mean, / heatmap size
-    uncertainty_published: torch.Tensor  # (B, K) the published formula (see heatmaps_to_keypoints)
-    z_star: torch.Tensor                 # (B, z_width, H, W) detached: warm start for the next video frame
+    uncertainty_published: torch.Tensor  # (B, K) the published formula (see heatmap_keypoints_ref)
+    z_star: torch.Tensor                 # (B, z_width, H, W) detached, fp32 (fp64 model: fp64): next frame's z0
     heatmaps: torch.Tensor               # (B, K, H, W) normalised heatmaps (tracked in training)
     stats: Any = None                    # SolverStats of the forward solve (None in explicit mode)
+    backends: dict = field(default_factory=dict)  # what ran: {op: 'cpp' | 'triton' | 'torch'} (and 'solver')
     extra: dict = field(default_factory=dict)
 
     def __getitem__(self, key):
@@ -72,8 +69,13 @@ class LDEQ(nn.Module):
         c = self.cfg
         return (batch, c.z_width, c.heatmap_size, c.heatmap_size)
 
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The DEQ state's dtype: float32, float64 for a float64 model (ldeq_fast/numerics.py)."""
+        return numerics.state_dtype(next(self.parameters()).dtype)
+
     def zeros_z0(self, images: torch.Tensor) -> torch.Tensor:
-        return images.new_zeros(self.z_shape(images.shape[0]), dtype=torch.float32)
+        return images.new_zeros(self.z_shape(images.shape[0]), dtype=self.state_dtype)
 
     def solver_settings(self, max_iters: int | None = None, **changes) -> SolverSettings:
         c = self.cfg
@@ -106,21 +108,21 @@ class LDEQ(nn.Module):
         c = self.cfg
         heat = z[:, : c.n_keypoints]
         if c.cell_norm == "none":  # the cell outputs raw features: normalise them here
-            heat = softargmax_normalize(heat, c.softargmax_beta)
+            heat = softargmax_heatmaps_ref(heat, c.softargmax_beta)
         return heat
 
     def keypoints_from_heatmaps(self, heat: torch.Tensor):
-        """(keypoints, spread, published uncertainty) of heatmaps: the fused head on the fast path, the
-        reference (``heatmaps_to_keypoints``) with backend 'torch'."""
-        return heatmap_ops.heatmap_keypoints(heat, backend=self.cfg.backend)
+        """(keypoints, spread, published uncertainty) of heatmaps: the fused keypoint head on the fast path,
+        the reference (``heatmap_keypoints_ref``) with backend 'torch'."""
+        return heatmap_keypoints(heat, backend=self.cfg.backend)
 
     # ------------------------------------------------------------------ forward
     def cell_fn(self, injection: torch.Tensor):
         self.apply_config()
         cell = self.deq_layer.cell
         term = cell.injection_term(injection) if self._reordered_math() else None
-        # the solver state keeps its dtype (fp32) even when the cell runs under bf16 autocast
-        return lambda z: cell(z, injection, term).to(z.dtype)
+        # the state stays fp32 (fp64) when the cell runs under bf16 autocast (ldeq_fast/numerics.py)
+        return numerics.in_state_dtype(lambda z: cell(z, injection, term), self.state_dtype)
 
     def _reordered_math(self) -> bool:
         """Fast-path rewrites that give the same values rounded differently: 1x1 convs over concatenations
@@ -152,11 +154,15 @@ class LDEQ(nn.Module):
     def forward_unchecked(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                           max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
         """``forward`` without the input checks, whose NaN test reads a value on the host: with a
-        ``fixed_iters`` solver nothing here syncs, so it can be captured (ldeq_fast/streaming.py)."""
+        ``fixed_iters`` solver nothing here syncs, so it can be captured (ldeq_fast/streaming.py).
+        ``z0`` may have any floating dtype (it is cast to the state dtype)."""
         mode = mode or self.cfg.model_mode
-        x = self.injection(images)
-        with EpilogueRecompute() if self._lean_training() else contextlib.nullcontext():
-            return self._solve_and_read(x, images, z0, mode, max_iters, solver)
+        with recording_backends() as ran, numerics.cpu_bf16_guard(images.device.type):
+            x = self.injection(images)
+            with EpilogueRecompute() if self._lean_training() else contextlib.nullcontext():
+                out = self._solve_and_read(x, images, z0, mode, max_iters, solver)
+        out.backends = dict(sorted(ran.items()))
+        return out
 
     def _lean_training(self) -> bool:
         c = self.cfg
@@ -170,7 +176,7 @@ class LDEQ(nn.Module):
 
     def _solve_and_read(self, x, images, z0, mode, max_iters, solver) -> LDEQOutput:
         c = self.cfg
-        z0 = self.zeros_z0(images) if z0 is None else z0.to(x.dtype)
+        z0 = self.zeros_z0(images) if z0 is None else numerics.to_state(z0, self.state_dtype)
         f = self.cell_fn(x)
         stats = None
         if mode == "explicit":

@@ -1,19 +1,37 @@
-"""Fused ops.  Each op module holds the public function, its pure-PyTorch reference (``*_ref``) and the
-dispatch to its Triton / C++ / CUDA kernels.  ``pick_backend`` is the one place dispatch rules live; the
-helpers every op module shares (kernel loading, C++ op presence, the direct-call rule) are here too."""
+"""Fused ops: one ``torch.library`` op each, ``torch.ops.ldeq_fast.<name>``, with its kernels registered per
+dispatch key — CPU: the C++ kernel (csrc/cpu/<file>.cpp, ``TORCH_LIBRARY_IMPL``), CUDA: the Triton launcher of
+the same name (kernels/<file>.py) — a fake impl for torch.compile, and its plain-PyTorch reference ``<name>_ref``
+in the same module (ldeq_fast/ops/<file>.py).  The schemas are defined here, in Python, so the Triton path
+works without the native extension.
+
+``backend=`` (or ``LDEQ_FAST_BACKEND``) is the user's switch, not an op argument; ``resolve`` is the one
+place its rules live:
+  'torch'  the reference;
+  'cpp'    the op on CPU tensors (needs ldeq_fast._C); on other tensors an error;
+  'triton' the op on CUDA tensors; on CPU tensors the Triton launchers under TRITON_INTERPRET=1 (the
+           interpreter, for tests: inference only), else an error;
+  'auto'   'cpp' for CPU tensors, 'triton' for CUDA tensors; where that kernel is missing, the reference
+           with one warning — or an error when ``LDEQ_FAST_REQUIRE_NATIVE=1`` (CI sets it).
+What ran is recorded: ``recording_backends()`` collects ``{op: backend}`` of every op call inside it.
+"""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import importlib.util
 import os
 import pathlib
 import sys
+import threading
+from typing import Callable
 
 import torch
 
 from ldeq_fast import _ext
 
-BACKENDS = ("auto", "torch", "triton", "cpp", "cuda")
+BACKENDS = ("auto", "torch", "triton", "cpp")
+NAMESPACE = "ldeq_fast"
 
 
 def triton_available() -> bool:
@@ -28,6 +46,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def require_native() -> bool:
+    """``LDEQ_FAST_REQUIRE_NATIVE=1``: a missing fused kernel is an error, never a fallback (CI)."""
+    return os.environ.get("LDEQ_FAST_REQUIRE_NATIVE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def requested_backend(backend: str | None = None) -> str:
     b = backend or "auto"
     if b == "auto":
@@ -37,40 +60,143 @@ def requested_backend(backend: str | None = None) -> str:
     return b
 
 
-def pick_backend(t: torch.Tensor, backend: str | None = None, supports: tuple = ("triton", "cpp", "cuda")) -> str:
-    """Backend for an op on tensor ``t``: the requested one if it can run there, else the fastest
-    available (CUDA tensors: cuda > triton; CPU tensors: cpp, or triton under TRITON_INTERPRET=1 when
-    forced), else the PyTorch reference with one warning."""
-    want = requested_backend(backend)
+# --------------------------------------------------------------------------------------------------------
+# op definition
+
+def define(name: str, schema: str, *, fake: Callable, cuda: Callable):
+    """Define ``ldeq_fast::<name>`` with ``schema`` (arguments and returns, without the name), register its
+    fake impl and its CUDA kernel (a Triton launcher); the CPU kernel comes from ldeq_fast._C.  Returns the
+    OpOverload.  An extension built from older sources that defined the op differently is refused."""
+    qual = f"{NAMESPACE}::{name}"
+    want = torch._C.parse_schema(qual + schema)
+    packet = getattr(torch.ops.ldeq_fast, name, None) if _has_op(name) else None
+    if packet is None:
+        torch.library.define(qual, schema)
+    elif str(packet.default._schema) != str(want):
+        raise ImportError(f"ldeq_fast._C was built from older sources: it defines {packet.default._schema}, this "
+                          f"ldeq_fast expects {want}; rebuild it (`pip install --no-build-isolation -e .`)")
+    torch.library.register_fake(qual, fake)
+    torch.library.register_kernel(qual, "cuda", cuda)
+    _DEFINED.add(name)
+    return getattr(torch.ops.ldeq_fast, name).default
+
+
+_DEFINED: set[str] = set()
+
+
+def _has_op(name: str) -> bool:
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"{NAMESPACE}::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def has_cpu_kernel(name: str) -> bool:
+    """The op's C++ kernel is registered (ldeq_fast._C is loaded and current)."""
+    return (_ext.has_cpp() and _has_op(name)
+            and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", "CPU"))
+
+
+def cpu_kernels() -> dict[str, bool]:
+    """Every fused op and whether its C++ kernel is registered."""
+    from ldeq_fast.ops import anderson, heatmap, leaky_relu_group_norm  # noqa: F401, PLC0415 - defines the ops
+
+    return {name: has_cpu_kernel(name) for name in sorted(_DEFINED)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# backend resolution
+
+def resolve(op: str, t: torch.Tensor, backend: str | None = None) -> str:
+    """The backend op ``op`` runs on for tensor ``t`` ('cpp' | 'triton' | 'torch'), recorded as having run
+    (not inside torch.compile, whose trace resolves once)."""
+    chosen = _resolve(op, t.device.type, requested_backend(backend), triton_interpret(), require_native())
+    if not torch.compiler.is_compiling():
+        note(op, chosen)
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the trace, not traced into
+def _resolve(op: str, device: str, want: str, interpret: bool, strict: bool) -> str:
     if want == "torch":
         return "torch"
-    on_cuda = t.is_cuda
-    usable = []
-    if "cuda" in supports and on_cuda and _ext.has_cuda():
-        usable.append("cuda")
-    if "triton" in supports and triton_available() and (on_cuda or triton_interpret()):
-        usable.append("triton")
-    if "cpp" in supports and not on_cuda and _ext.has_cpp():
-        usable.append("cpp")
-    if want != "auto":
-        if want in usable:
-            return want
-        _ext.warn_once(f"{want}-{t.device.type}",
-                       f"ldeq_fast: backend {want!r} cannot run on {t.device.type} tensors here "
-                       f"({_ext.missing_reason() if want in ('cpp', 'cuda') else 'triton needs a GPU or TRITON_INTERPRET=1'}); "
-                       "using the PyTorch reference")
-        return "torch"
-    if on_cuda:
-        for b in ("cuda", "triton"):
-            if b in usable:
-                return b
-    elif "cpp" in usable:
-        return "cpp"
-    if ("cpp" in supports and not on_cuda) or ("cuda" in supports and on_cuda):
-        _ext.warn_once(f"fallback-{t.device.type}", f"ldeq_fast: no fused kernel available for {t.device.type} "
-                       f"tensors ({_ext.missing_reason()}); using the PyTorch reference")
+    if device == "cpu":
+        if want in ("auto", "cpp") and has_cpu_kernel(op):
+            return "cpp"
+        if want == "triton":
+            if interpret and triton_available():
+                return "triton"
+            raise RuntimeError(f"{op}: backend 'triton' runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, "
+                               "the interpreter used by the tests); use 'cpp' or 'auto' on CPU")
+        why = _ext.missing_reason() if not _ext.has_cpp() else (
+            f"ldeq_fast._C has no kernel for {op} (built from older sources: rebuild it)")
+        if want == "cpp" or strict:
+            raise RuntimeError(f"{op}: no C++ kernel: {why}" + (" [LDEQ_FAST_REQUIRE_NATIVE=1]" if strict else ""))
+    elif device == "cuda":
+        if want == "cpp":
+            raise RuntimeError(f"{op}: backend 'cpp' runs CPU tensors only; use 'auto' or 'triton' on CUDA")
+        if triton_available():
+            return "triton"
+        why = "triton is not installed"
+        if want == "triton" or strict:
+            raise RuntimeError(f"{op}: no Triton kernel: {why}" + (" [LDEQ_FAST_REQUIRE_NATIVE=1]" if strict else ""))
+    else:
+        why = f"no fused kernel for {device} tensors"
+        if want != "auto" or strict:
+            raise RuntimeError(f"{op}: backend {want!r}: {why}")
+    _ext.warn_once(f"fallback-{op}-{device}", f"ldeq_fast: {op} runs the PyTorch reference on {device} tensors ({why})")
     return "torch"
 
+
+def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
+    """True when no autograd graph is recorded and nothing is being traced: then a kernel may be called
+    directly, skipping the dispatcher and autograd layers (they cost tens of microseconds per call, which
+    matter in no-grad fixed-point iterations on a GPU)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def interpreter_call(op: str, *tensors: torch.Tensor | None) -> None:
+    """The Triton interpreter path (CPU tensors, TRITON_INTERPRET=1) calls the launchers directly: inference
+    only."""
+    if not direct_call_ok(*tensors):
+        raise RuntimeError(f"{op}: the Triton interpreter path (CPU tensors) has no autograd; differentiate "
+                           "through backend 'cpp' or 'torch' on CPU, or 'triton' on CUDA")
+
+
+# --------------------------------------------------------------------------------------------------------
+# what ran
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def recording_backends():
+    """``with recording_backends() as ran:`` -> ``ran`` maps each op called inside to the backend(s) it ran on
+    (a comma-separated string when one op ran on several)."""
+    ran: dict[str, str] = {}
+    stack = _local.__dict__.setdefault("stack", [])
+    stack.append(ran)
+    try:
+        yield ran
+    finally:
+        stack.pop()
+
+
+def note(op: str, backend: str) -> None:
+    for ran in getattr(_local, "stack", ()):
+        have = ran.get(op)
+        if have is None:
+            ran[op] = backend
+        elif backend not in have.split(","):
+            ran[op] = ",".join(sorted({*have.split(","), backend}))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Triton kernel modules
 
 _PKG = pathlib.Path(__file__).resolve().parents[1]  # the imported ldeq_fast package
 
@@ -106,31 +232,11 @@ def load_triton_kernels(name: str):
     return importlib.import_module(f"ldeq_fast.kernels.{name}")
 
 
-def cpp_ops_present(*names: str) -> bool:
-    """True when ldeq_fast._C is loaded and registers every op in ``names``; warns (once) when the
-    extension is loaded but predates them (rebuild it).  A name may require arguments of the op's current
-    schema: ``"op(arg1,arg2)"``."""
-    if not _ext.has_cpp():
-        return False
+def triton_launcher(module: str, fn: str) -> Callable:
+    """A CUDA kernel for ``define``: the launcher ``fn`` of kernels/<module>.py, imported on first call (so
+    importing an op module does not import triton)."""
+    def kernel(*args):
+        return getattr(load_triton_kernels(module), fn)(*args)
 
-    def present(spec: str) -> bool:
-        name, _, args = spec.partition("(")
-        if not hasattr(torch.ops.ldeq_fast, name):
-            return False
-        have = {a.name for a in getattr(torch.ops.ldeq_fast, name).default._schema.arguments}
-        return all(a in have for a in args.rstrip(")").split(",") if a)
-
-    missing = [n for n in names if not present(n)]
-    if missing:
-        _ext.warn_once(f"stale-{missing[0]}", f"ldeq_fast._C lacks {missing} (built from older sources); "
-                       "rebuild it: `python setup.py build_ext --inplace`.  Using the other backends.")
-    return not missing
-
-
-def direct_call_ok(*tensors: torch.Tensor) -> bool:
-    """True when no autograd graph is recorded and nothing is being traced: the public functions then
-    call the kernels directly, skipping the custom-op and autograd layers (tens of microseconds per call,
-    which matter in the no-grad fixed-point iterations)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    kernel.__name__ = fn
+    return kernel

@@ -13,9 +13,10 @@ Per iteration k (slot s = k % m, n = min(k + 1, m) valid slots):
   alpha = anderson_step(gram, norms, flags, stat, nstep, trace, k, n, ...)   per sample, tiny
   anderson_mix(F, G, alpha, flags, x, best, s, n, beta, mix)   one pass over D
 
-Backends: 'cpp' (csrc/cpu/anderson.cpp, registered as torch.ops.ldeq_fast.anderson_*), 'triton'
-(kernels/anderson_*.py, registered here as torch.ops.ldeq_fast.anderson_*_triton) and 'torch' (the
-``*_ref`` functions below, the oracle of the tests).
+Each is one op, ``torch.ops.ldeq_fast.anderson_{update,step,mix}``: CPU kernel csrc/cpu/anderson.cpp, CUDA
+kernel kernels/anderson_{update,step,mix}.py (Triton), references ``anderson_*_ref`` below (the oracle of the
+tests).  The ops mutate the solver state in place (alias-annotated schemas) and have no autograd: the solve
+runs under no_grad.
 """
 from __future__ import annotations
 
@@ -24,10 +25,8 @@ from typing import Callable
 
 import torch
 
-from ldeq_fast import _ext
-from ldeq_fast.ops import load_triton_kernels, pick_backend
+from ldeq_fast.ops import define, load_triton_kernels, resolve, triton_launcher
 
-SUPPORTS = ("triton", "cpp")
 MAX_M = 64  # the C++ small solve uses stack arrays of this size
 _STATE_DTYPES = (torch.float32, torch.float64)
 
@@ -210,59 +209,27 @@ def anderson_mix_ref(F, G, alpha, flags, x, best, slot: int, n: int, beta: float
 
 
 # --------------------------------------------------------------------------------------------------------
-# Triton backend, registered as custom ops so torch.compile and CUDA graphs see opaque, fakeable calls
+# the ops
 
-@torch.library.custom_op("ldeq_fast::anderson_update_triton", mutates_args=("F", "G", "gram"))
-def _update_triton(fx: torch.Tensor, x: torch.Tensor, F: torch.Tensor, G: torch.Tensor, gram: torch.Tensor,
-                   active: torch.Tensor, slot: int, n: int) -> torch.Tensor:
-    return load_triton_kernels("anderson_update").anderson_update(fx, x, F, G, gram, active, slot, n)
-
-
-@_update_triton.register_fake
-def _(fx, x, F, G, gram, active, slot, n):
+def _update_fake(fx, x, F, G, gram, active, slot, n):
     return gram.new_empty(x.shape[0], 2)
 
 
-@torch.library.custom_op("ldeq_fast::anderson_step_triton", mutates_args=("flags", "stat", "nstep", "trace"))
-def _step_triton(gram: torch.Tensor, norms: torch.Tensor, flags: torch.Tensor, stat: torch.Tensor,
-                 nstep: torch.Tensor, trace: torch.Tensor, k: int, n: int, tol: float, stop_rel: bool, lam: float,
-                 lam_scaled: bool, divergence_factor: float) -> torch.Tensor:
-    return load_triton_kernels("anderson_step").anderson_step(gram, norms, flags, stat, nstep, trace, k, n,
-                                                                      tol, stop_rel, lam, lam_scaled,
-                                                                      divergence_factor)
-
-
-@_step_triton.register_fake
-def _(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled, divergence_factor):
+def _step_fake(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled, divergence_factor):
     return gram.new_empty(gram.shape[0], gram.shape[1])
 
 
-@torch.library.custom_op("ldeq_fast::anderson_mix_triton", mutates_args=("x", "best"))
-def _mix_triton(F: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor, flags: torch.Tensor, x: torch.Tensor,
-                best: torch.Tensor, slot: int, n: int, beta: float, mix: bool) -> None:
-    load_triton_kernels("anderson_mix").anderson_mix(F, G, alpha, flags, x, best, slot, n, beta, mix)
-
-
-@_mix_triton.register_fake
-def _(F, G, alpha, flags, x, best, slot, n, beta, mix):
+def _mix_fake(F, G, alpha, flags, x, best, slot, n, beta, mix):
     return None
 
 
-# --------------------------------------------------------------------------------------------------------
-# C++ backend: schemas and CPU kernels come from ldeq_fast._C; torch.compile needs their fake impls
-
-if _ext.has_cpp():
-    @torch.library.register_fake("ldeq_fast::anderson_update")
-    def _(fx, x, F, G, gram, active, slot, n):
-        return gram.new_empty(x.shape[0], 2)
-
-    @torch.library.register_fake("ldeq_fast::anderson_step")
-    def _(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled, divergence_factor):
-        return gram.new_empty(gram.shape[0], gram.shape[1])
-
-    @torch.library.register_fake("ldeq_fast::anderson_mix")
-    def _(F, G, alpha, flags, x, best, slot, n, beta, mix):
-        return None
+UPDATE = define("anderson_update", "(Tensor fx, Tensor x, Tensor(a!) F, Tensor(b!) G, Tensor(c!) gram, Tensor active, "
+                "int slot, int n) -> Tensor", fake=_update_fake, cuda=triton_launcher("anderson_update", "anderson_update"))
+STEP = define("anderson_step", "(Tensor gram, Tensor norms, Tensor(a!) flags, Tensor(b!) stat, Tensor(c!) nstep, "
+              "Tensor(d!) trace, int k, int n, float tol, bool stop_rel, float lam, bool lam_scaled, "
+              "float divergence_factor) -> Tensor", fake=_step_fake, cuda=triton_launcher("anderson_step", "anderson_step"))
+MIX = define("anderson_mix", "(Tensor F, Tensor G, Tensor alpha, Tensor flags, Tensor(a!) x, Tensor(b!) best, int slot, "
+             "int n, float beta, bool mix) -> ()", fake=_mix_fake, cuda=triton_launcher("anderson_mix", "anderson_mix"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -277,28 +244,42 @@ class AndersonOps:
     mix: Callable
 
 
-def ops_for(backend: str) -> AndersonOps:
-    """Ops for a backend already resolved by ``pick_backend`` ('cpp' | 'triton' | 'torch')."""
-    if backend == "cpp":
-        o = torch.ops.ldeq_fast
-        return AndersonOps("cpp", o.anderson_update, o.anderson_step, o.anderson_mix)
+def ops_for(backend: str, device_type: str = "cuda") -> AndersonOps:
+    """Ops for a backend already resolved by ``resolve`` ('cpp' | 'triton' | 'torch').  Outside torch.compile
+    the Triton launchers are called directly (the dispatcher's Python layers cost tens of microseconds per
+    call); the Triton interpreter path (CPU tensors) always calls them directly."""
+    if backend == "cpp" or (backend == "triton" and device_type != "cpu" and torch.compiler.is_compiling()):
+        return AndersonOps(backend, UPDATE, STEP, MIX)
     if backend == "triton":
-        o = torch.ops.ldeq_fast
-        return AndersonOps("triton", o.anderson_update_triton, o.anderson_step_triton, o.anderson_mix_triton)
+        return AndersonOps("triton", load_triton_kernels("anderson_update").anderson_update,
+                           load_triton_kernels("anderson_step").anderson_step,
+                           load_triton_kernels("anderson_mix").anderson_mix)
     if backend == "torch":
         return AndersonOps("torch", anderson_update_ref, anderson_step_ref, anderson_mix_ref)
     raise ValueError(f"no Anderson ops for backend {backend!r}")
 
 
+OPS = ("anderson_update", "anderson_step", "anderson_mix")
+
+
 def resolve_backend(t: torch.Tensor, backend: str | None = None) -> str:
-    return pick_backend(t, backend, SUPPORTS)
+    """The one backend the solver's three Anderson ops run on for state ``t``."""
+    chosen = {resolve(op, t, backend) for op in OPS}
+    if len(chosen) > 1:
+        raise RuntimeError(f"the Anderson ops would run on different backends {sorted(chosen)}: ldeq_fast._C was "
+                           "built from older sources; rebuild it")
+    return chosen.pop()
+
+
+def _ops(t: torch.Tensor, backend: str | None, op: str) -> AndersonOps:
+    return ops_for(resolve(op, t, backend), t.device.type)
 
 
 def anderson_update(fx, x, F, G, gram, active, slot: int, n: int, backend: str | None = None) -> torch.Tensor:
     """Write F[:, slot] = fx and G[:, slot] = fx - x and the Gram row/column ``slot`` (over the first n
     slots) for the active samples; return norms (B, 2) = (||fx - x||^2, ||fx||^2), 0 where inactive."""
     check_update_args(fx, x, F, G, gram, active, slot, n)
-    return ops_for(resolve_backend(x, backend)).update(fx, x, F, G, gram, active, slot, n)
+    return _ops(x, backend, "anderson_update").update(fx, x, F, G, gram, active, slot, n)
 
 
 def anderson_step(gram, norms, flags, stat, nstep, trace, k: int, n: int, tol: float, stop_rel: bool, lam: float,
@@ -306,13 +287,13 @@ def anderson_step(gram, norms, flags, stat, nstep, trace, k: int, n: int, tol: f
     """Bookkeeping of iteration k for every sample (updates flags, stat, nstep, trace in place) and the
     Anderson weights alpha (B, m) (zero for samples no longer active)."""
     check_step_args(gram, norms, flags, stat, nstep, trace, k, n, lam)
-    return ops_for(resolve_backend(gram, backend)).step(gram, norms, flags, stat, nstep, trace, k, n, float(tol),
-                                                        bool(stop_rel), float(lam), bool(lam_scaled),
-                                                        float(divergence_factor))
+    return _ops(gram, backend, "anderson_step").step(gram, norms, flags, stat, nstep, trace, k, n, float(tol),
+                                                     bool(stop_rel), float(lam), bool(lam_scaled),
+                                                     float(divergence_factor))
 
 
 def anderson_mix(F, G, alpha, flags, x, best, slot: int, n: int, beta: float, mix: bool = True,
                  backend: str | None = None) -> None:
     """best = F[:, slot] where improved; if ``mix``, x = sum_j alpha_j (F_j - (1 - beta) G_j) where active."""
     check_mix_args(F, G, alpha, flags, x, best, slot, n, beta)
-    ops_for(resolve_backend(x, backend)).mix(F, G, alpha, flags, x, best, slot, n, float(beta), bool(mix))
+    _ops(x, backend, "anderson_mix").mix(F, G, alpha, flags, x, best, slot, n, float(beta), bool(mix))

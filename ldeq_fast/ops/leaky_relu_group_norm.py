@@ -6,11 +6,10 @@ and once for the output, and the backward recomputes the activation from x inste
 residual connection after the block (the hourglass's ``same(y) + y``) is added in the output pass, which
 saves the separate add's three passes over memory; its gradient is the output's.
 
-Backends: 'cpp' (csrc/cpu/groupnorm.cpp, torch.ops.ldeq_fast.leaky_relu_group_norm_cpu and its
-backward), 'triton' (kernels/groupnorm.py; GPU, or CPU under TRITON_INTERPRET=1) and 'torch' (the
-reference below).  The fused backends run through the custom ops ``ldeq_fast::leaky_relu_group_norm``
-and ``ldeq_fast::leaky_relu_group_norm_backward`` (fake impls and autograd registered), so eager,
-autograd and torch.compile all take the same path.
+The op ``torch.ops.ldeq_fast.leaky_relu_group_norm`` -> (out, mean, rstd) and its backward op
+``leaky_relu_group_norm_backward``: CPU kernels in csrc/cpu/leaky_relu_group_norm.cpp, CUDA kernels in
+kernels/leaky_relu_group_norm.py (Triton), autograd registered on the forward op; the reference is
+``leaky_relu_group_norm_ref`` below.
 
 Layouts: NCHW-contiguous and channels_last inputs are used as they are and the output has the input's
 memory format; any other strides are made contiguous first.  Statistics are float32 (float64 for
@@ -21,14 +20,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ldeq_fast.ops import cpp_ops_present, direct_call_ok, load_triton_kernels, pick_backend
+from ldeq_fast.ops import (
+    define,
+    direct_call_ok,
+    interpreter_call,
+    load_triton_kernels,
+    resolve,
+    triton_launcher,
+)
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _OP = "leaky_relu_group_norm"
-
-
-_CPP_OPS = ("leaky_relu_group_norm_cpu(residual)", "leaky_relu_group_norm_backward_cpu")
-SUPPORTS = ("triton", "cpp") if cpp_ops_present(*_CPP_OPS) else ("triton",)
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -90,70 +92,41 @@ def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------
-# custom ops (backend-generic: the backend name is an argument, resolved before the call)
+# the ops
 
-@torch.library.custom_op("ldeq_fast::leaky_relu_group_norm", mutates_args=())
-def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_groups: int, eps: float, slope: float,
-           residual: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpp":
-        return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(x, weight, bias, num_groups, eps, slope, residual)
-    if backend == "triton":
-        return load_triton_kernels("leaky_relu_group_norm").leaky_relu_group_norm(x, weight, bias, num_groups, eps, slope,
-                                                                          residual)
-    raise ValueError(f"{_OP}: no fused kernel for backend {backend!r}")
-
-
-@_fused.register_fake
-def _(x, weight, bias, num_groups, eps, slope, residual, backend):
+def _forward_fake(x, weight, bias, num_groups, eps, slope, residual=None):
     acc = stats_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(x.shape[0], num_groups, dtype=acc), \
         x.new_empty(x.shape[0], num_groups, dtype=acc)
 
 
-@torch.library.custom_op("ldeq_fast::leaky_relu_group_norm_backward", mutates_args=())
-def _fused_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                    rstd: torch.Tensor, num_groups: int, slope: float,
-                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cpp":
-        return torch.ops.ldeq_fast.leaky_relu_group_norm_backward_cpu(grad_out, x, weight, mean, rstd, num_groups,
-                                                                      slope)
-    if backend == "triton":
-        return load_triton_kernels("leaky_relu_group_norm").leaky_relu_group_norm_backward(grad_out, x, weight, mean, rstd,
-                                                                          num_groups, slope)
-    raise ValueError(f"{_OP}: no fused kernel for backend {backend!r}")
-
-
-@_fused_backward.register_fake
-def _(grad_out, x, weight, mean, rstd, num_groups, slope, backend):
+def _backward_fake(grad_out, x, weight, mean, rstd, num_groups, slope):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
 
+FORWARD = define(_OP, "(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, float slope, "
+                 "Tensor? residual=None) -> (Tensor, Tensor, Tensor)", fake=_forward_fake,
+                 cuda=triton_launcher(_OP, _OP))
+BACKWARD = define(f"{_OP}_backward", "(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
+                  "int num_groups, float slope) -> (Tensor, Tensor, Tensor)", fake=_backward_fake,
+                  cuda=triton_launcher(_OP, f"{_OP}_backward"))
+
+
 def _setup_context(ctx, inputs, output):
-    x, weight, _bias, num_groups, _eps, slope, residual, backend = inputs
+    x, weight, _bias, num_groups, _eps, slope, residual = inputs
     _out, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)  # not the residual: its gradient is grad_out itself
-    ctx.num_groups, ctx.slope, ctx.backend, ctx.has_residual = num_groups, slope, backend, residual is not None
+    ctx.num_groups, ctx.slope, ctx.has_residual = num_groups, slope, residual is not None
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _fused_backward(grad_out, x, weight, mean, rstd, ctx.num_groups, ctx.slope, ctx.backend)
-    return dx, dw, db, None, None, None, (grad_out if ctx.has_residual else None), None
+    dx, dw, db = BACKWARD(grad_out, x, weight, mean, rstd, ctx.num_groups, ctx.slope)
+    return dx, dw, db, None, None, None, (grad_out if ctx.has_residual else None)
 
 
-_fused.register_autograd(_backward, setup_context=_setup_context)
-
-if "cpp" in SUPPORTS:
-    @torch.library.register_fake("ldeq_fast::leaky_relu_group_norm_cpu")
-    def _(x, weight, bias, num_groups, eps, slope, residual=None):
-        acc = stats_dtype(x.dtype)
-        return torch.empty_like(x), x.new_empty(x.shape[0], num_groups, dtype=acc), \
-            x.new_empty(x.shape[0], num_groups, dtype=acc)
-
-    @torch.library.register_fake("ldeq_fast::leaky_relu_group_norm_backward_cpu")
-    def _(grad_out, x, weight, mean, rstd, num_groups, slope):
-        return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+torch.library.register_autograd(f"ldeq_fast::{_OP}", _backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -167,8 +140,8 @@ def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: to
     x: (N, C, H, W) float32 / float64 / bfloat16 / float16, NCHW-contiguous or channels_last (the output
     keeps the memory format).  weight, bias: (C,) or None (then 1 / 0).  residual: None or a tensor of x's
     shape and dtype, added in the output pass.  Differentiable in x, weight, bias and residual.
-    ``backend`` ('auto' | 'torch' | 'triton' | 'cpp'; default: env LDEQ_FAST_BACKEND, else auto) picks the
-    kernel via ``pick_backend``.
+    ``backend`` ('auto' | 'torch' | 'triton' | 'cpp'; default: env LDEQ_FAST_BACKEND, else auto): see
+    ``ldeq_fast.ops.resolve``.
     """
     if isinstance(x, torch.Tensor) and x.dim() >= 2:
         C = x.shape[1]
@@ -177,15 +150,15 @@ def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: to
         if bias is None:
             bias = torch.zeros(C, device=x.device, dtype=stats_dtype(x.dtype))
     _check(x, weight, bias, num_groups, eps, residual)
-    chosen = pick_backend(x, backend, SUPPORTS)
+    chosen = resolve(_OP, x, backend)
     if chosen == "torch":
         return leaky_relu_group_norm_ref(x, weight, bias, num_groups, eps, slope, residual)
     x = _dense(x)
     if residual is not None:
         residual = _like(residual, x)
     args = (x, weight, bias, int(num_groups), float(eps), float(slope), residual)
-    if direct_call_ok(x, weight, bias, residual):
-        if chosen == "cpp":
-            return torch.ops.ldeq_fast.leaky_relu_group_norm_cpu(*args)[0]
-        return load_triton_kernels("leaky_relu_group_norm").leaky_relu_group_norm(*args)[0]
-    return _fused(*args, chosen)[0]
+    if chosen == "triton" and (x.device.type == "cpu" or direct_call_ok(x, weight, bias, residual)):
+        if x.device.type == "cpu":
+            interpreter_call(_OP, x, weight, bias, residual)
+        return load_triton_kernels(_OP).leaky_relu_group_norm(*args)[0]
+    return FORWARD(*args)[0]

@@ -4,14 +4,17 @@
 
 * ``semantics='per_sample'`` (default): per-sample stopping and best-point return (see
   ldeq_fast/solvers/reference.py for the exact conventions).  ``backend='torch'`` runs the plain
-  reference; any other backend runs the fused engine (ldeq_fast/solvers/fused.py), whose ops pick
-  Triton / C++ / CUDA kernels by device (``LDEQ_FAST_BACKEND`` forces one).
+  reference; any other backend runs the fused engine (ldeq_fast/solvers/fused.py), whose Anderson ops run
+  the C++ kernels on CPU and the Triton kernels on CUDA (see ldeq_fast.ops.resolve).
 * ``semantics='published'``: the published code's batch-mean stopping, for parity runs.
+
+The state is float32 (float64 for a float64 z0) whatever z0's dtype or autocast (ldeq_fast/numerics.py).
+``SolverStats.backend`` says what ran; inside ``ldeq_fast.ops.recording_backends()`` it is noted as 'solver'.
 """
 from __future__ import annotations
 
-import os
-
+from ldeq_fast import numerics
+from ldeq_fast.ops import note, requested_backend
 from ldeq_fast.solvers.published import anderson_published, fixed_point_published
 from ldeq_fast.solvers.reference import (
     DIVERGENCE_FACTOR,
@@ -25,16 +28,6 @@ METHODS = ("anderson", "fpi", "broyden")
 
 __all__ = ["solve", "SolverStats", "METHODS", "anderson_reference", "fixed_point_reference", "broyden_reference",
            "anderson_published", "fixed_point_published"]
-
-
-def resolve_backend(backend: str | None) -> str:
-    backend = backend or "auto"
-    env = os.environ.get("LDEQ_FAST_BACKEND")
-    if backend == "auto" and env:
-        backend = env
-    if backend not in ("auto", "torch", "triton", "cpp", "cuda"):
-        raise ValueError(f"unknown backend {backend!r}: expected auto|torch|triton|cpp|cuda")
-    return backend
 
 
 def solve(f, z0, method: str = "anderson", max_iter: int = 10, tol: float = 1e-3, stop_mode: str = "rel",
@@ -55,10 +48,19 @@ def solve(f, z0, method: str = "anderson", max_iter: int = 10, tol: float = 1e-3
         raise ValueError(f"max_iter must be >= 1 (got {max_iter})")
     if z0.dim() < 1 or z0.shape[0] < 1:
         raise ValueError(f"z0 must have a non-empty batch dimension, got shape {tuple(z0.shape)}")
-    if not z0.is_floating_point():
-        raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
+    dtype = numerics.state_dtype(z0.dtype)
+    z0 = numerics.to_state(z0, dtype)
     if not fixed_iters and not bool(z0.isfinite().all()):  # a host sync: skipped in capturable solves
         raise ValueError("z0 contains NaN or inf")
+    f = numerics.in_state_dtype(f, dtype)
+    z, stats = _solve(f, z0, method, max_iter, tol, stop_mode, m, lam, lam_mode, beta, damping, semantics, backend,
+                      check_every, fixed_iters, divergence_factor)
+    note("solver", stats.backend)
+    return z, stats
+
+
+def _solve(f, z0, method, max_iter, tol, stop_mode, m, lam, lam_mode, beta, damping, semantics, backend, check_every,
+           fixed_iters, divergence_factor):
     if semantics == "published":
         if method == "anderson":
             return anderson_published(f, z0, max_iter, tol, stop_mode, m, lam, beta)
@@ -68,7 +70,7 @@ def solve(f, z0, method: str = "anderson", max_iter: int = 10, tol: float = 1e-3
                          "used by LDEQ inference)")
     if semantics != "per_sample":
         raise ValueError(f"semantics must be 'per_sample' or 'published', not {semantics!r}")
-    backend = resolve_backend(backend)
+    backend = requested_backend(backend)
     if method == "broyden" or backend == "torch":
         if method == "anderson":
             return anderson_reference(f, z0, max_iter, tol, stop_mode, m, lam, lam_mode, beta, divergence_factor)

@@ -148,7 +148,7 @@ class RwRTracker:
         extra = not c.take_one_less_inference_step
         full = m.solver_settings()
         known = torch.tensor([s in self.state for s in streams], device=images.device)
-        z = torch.empty((S,) + m.z_shape(1)[1:], device=images.device, dtype=x.dtype)
+        z = torch.empty((S,) + m.z_shape(1)[1:], device=images.device, dtype=m.state_dtype)
         evals = torch.zeros(S, dtype=torch.long, device=images.device)
         residual = torch.zeros(S, device=images.device)
         cold = ~known if tc.mode != "per_frame" else torch.ones(S, dtype=torch.bool, device=images.device)
