@@ -220,9 +220,7 @@ def _kernels_package():
     except BaseException:
         del sys.modules[name]
         raise
-    import ldeq_fast
-
-    ldeq_fast.kernels = module
+    setattr(sys.modules["ldeq_fast"], "kernels", module)  # as the import system does for a subpackage
     return module
 
 
