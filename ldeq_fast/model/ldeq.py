@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ldeq_fast.config import LDEQConfig
+from ldeq_fast.config import LDEQConfig, backward_depth, forward_depth
 from ldeq_fast.deq import BackwardLog, SolverSettings, deq_fixed_point
 from ldeq_fast.model.layers import (
     Cell,
@@ -75,11 +74,16 @@ class LDEQ(nn.Module):
     def zeros_z0(self, images: torch.Tensor) -> torch.Tensor:
         return images.new_zeros(self.z_shape(images.shape[0]), dtype=torch.float32)
 
-    def solver_settings(self, max_iters: int | None = None, **changes) -> SolverSettings:
+    def solver_settings(self, max_iters: int | None = None, *, backward: bool = False, **changes) -> SolverSettings:
+        """The forward solve's settings (``max_iters`` or the config's, through ``forward_depth``: a random
+        depth when training with stochastic_max_iters), or with ``backward=True`` the implicit backward's
+        (``backward_depth``: deterministic, the rule the compat layer shares)."""
         c = self.cfg
         mi = c.max_iters if max_iters is None else int(max_iters)
-        if c.stochastic_max_iters:  # published: random depth in training, half depth at eval
-            mi = random.randint(1, mi) if self.training else max(1, round(mi / 2))
+        if backward:
+            mi = backward_depth(mi, c.stochastic_max_iters, c.backward_max_iters)
+        else:
+            mi = forward_depth(mi, c.stochastic_max_iters, self.training)
         s = SolverSettings(method=c.solver, max_iter=mi, tol=c.tol, stop_mode=c.stop_mode, m=c.anderson_m,
                            lam=c.anderson_lam, lam_mode=c.lam_mode if c.solver_semantics == "per_sample" else "absolute",
                            beta=c.anderson_beta, semantics=c.solver_semantics, backend=c.backend,
@@ -179,7 +183,7 @@ class LDEQ(nn.Module):
                 z = f(z)
         elif mode == "implicit":
             settings = solver or self.solver_settings(max_iters)
-            bwd = self.solver_settings(c.backward_max_iters or settings.max_iter)
+            bwd = self.solver_settings(max_iters if solver is None else solver.max_iter, backward=True)
             z, stats = deq_fixed_point(f, z0, settings, grad_mode=c.grad_mode,
                                        extra_step=not c.take_one_less_inference_step, backward_settings=bwd,
                                        phantom_steps=c.phantom_steps, phantom_damping=c.phantom_damping,
