@@ -244,7 +244,7 @@ class LDEQ(_LDEQ):
             if z0.numel() != math.prod(zs):
                 raise ValueError(f"z0 must have shape {zs} (or its (B, D, 1) view), got {tuple(z0.shape)}")
             z0 = z0.reshape(zs)
-        self._check_inputs(x, z0)
+        x = self._check_inputs(x, z0)
         fast = self.fast or getattr(args, "ldeq_fast_semantics", "published") == "per_sample"
         if fast and save_trajectory and mode == "implicit":
             raise ValueError("save_trajectory needs the published solver semantics (fast=False): the per-sample "

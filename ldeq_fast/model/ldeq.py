@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,10 @@ from ldeq_fast.model.layers import (
 )
 from ldeq_fast.model.recompute import EpilogueRecompute, recompute_stem
 from ldeq_fast.ops import heatmap as heatmap_ops  # a module reference: ops.heatmap imports model.layers
+
+# ImageNet-normalised pixels lie in [-2.12, 2.64]; a float image with a value above this bound is taken for
+# 0-255 pixels (any such image but a nearly black one), with room left for other normalisations
+MAX_NORMALISED_PIXEL = 25.0
 
 
 @dataclass
@@ -92,18 +97,40 @@ class LDEQ(nn.Module):
             setattr(s, k, v)
         return s
 
-    def _check_inputs(self, images: torch.Tensor, z0: torch.Tensor | None):
+    def _check_inputs(self, images: torch.Tensor, z0: torch.Tensor | None) -> torch.Tensor:
+        """Check a batch of images (and z0) and return the images in the model's dtype.
+
+        Any floating dtype is accepted and cast to the weights' dtype (fp16/bf16 -> fp32 is exact; fp64 ->
+        fp32 rounds far below pixel noise; autocast then picks the compute dtype as usual).  One reduction,
+        read with one host sync, catches both NaN/inf and images that are plainly 0-255 pixel values."""
         c = self.cfg
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor (B, 3, {c.im_size}, {c.im_size}), got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != c.im_size or images.shape[3] != c.im_size:
             raise ValueError(f"images must have shape (B, 3, {c.im_size}, {c.im_size}), got {tuple(images.shape)}")
         if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor (normalised), got {images.dtype}")
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError("images contain NaN or inf")
+            raise TypeError(f"images must be a floating-point tensor (normalised), got {images.dtype}: convert "
+                            f"uint8 RGB with ldeq_fast.data.transforms.normalize_image")
+        weight = next(self.tail.parameters())
+        if images.device != weight.device:
+            raise ValueError(f"images are on device {images.device} but the model is on {weight.device}: "
+                             f"move them with images.to({str(weight.device)!r})")
         if z0 is not None:
             want = self.z_shape(images.shape[0])
             if tuple(z0.shape) != want:
                 raise ValueError(f"z0 must have shape {want}, got {tuple(z0.shape)}")
+            if z0.device != weight.device:
+                raise ValueError(f"z0 is on device {z0.device} but the model is on {weight.device}")
+        images = images.to(weight.dtype)
+        lo, hi = torch.aminmax(images)
+        lo, hi = torch.stack((lo, hi)).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("images contain NaN or inf")
+        if hi > MAX_NORMALISED_PIXEL:
+            raise ValueError(f"images have values up to {hi:.1f}: they look like 0-255 pixel values, but the model "
+                             f"takes normalised images ((x / 255 - ImageNet mean) / std, in about [-2.2, 2.7]); "
+                             f"use ldeq_fast.data.transforms.normalize_image")
+        return images
 
     def heatmaps_from_z(self, z: torch.Tensor) -> torch.Tensor:
         """The keypoint heatmaps held in a state z (its first n_keypoints channels)."""
@@ -150,7 +177,7 @@ class LDEQ(nn.Module):
 
     def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                 max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
-        self._check_inputs(images, z0)
+        images = self._check_inputs(images, z0)
         return self.forward_unchecked(images, z0, mode, max_iters, solver)
 
     def forward_unchecked(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
