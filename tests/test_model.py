@@ -164,11 +164,15 @@ def test_fast_path_matches_reference_path(device, fp32_convs, demo_faces):
     blocks = [m for m in fast_model.deq_layer.cell.modules() if hasattr(m, "epilogue_backend")]
     assert blocks and all(m.epilogue_backend == "auto" for m in blocks)
     assert ref.stats.converged.all() and fast.stats.converged.all()
-    assert (ref.stats.nstep >= 6).all() and torch.equal(fast.stats.nstep, ref.stats.nstep)
+    assert (ref.stats.nstep >= 6).all()
+    # the C++ ops round like the eager ones closely enough to stop at the same iteration; Triton's reductions
+    # may cross the tolerance one iteration apart (each answer then still within the tolerance)
+    steps_apart, kpt_px = (0, 1e-3) if device == "cpu" else (1, 5e-3)
+    assert (fast.stats.nstep - ref.stats.nstep).abs().max() <= steps_apart
     px = ref_model.cfg.heatmap_size
     assert (first.keypoints - ref.keypoints).abs().max() * px > 0.05     # z matters: the solve moves them
-    assert (fast.keypoints - ref.keypoints).abs().max() * px < 1e-3
-    assert (fast.z_star - ref.z_star).abs().max() < 1e-4
+    assert (fast.keypoints - ref.keypoints).abs().max() * px < kpt_px
+    assert (fast.z_star - ref.z_star).abs().max() < 10 * kpt_px / px
     # training through the fused ops
     fast_model.train()
     out = fast_model(x)
