@@ -31,7 +31,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=[
         "ldeq_fast", "ldeq_fast.ops", "ldeq_fast.solvers", "ldeq_fast.model", "ldeq_fast.video",
-        "ldeq_fast.data", "ldeq_fast.compat", "ldeq_fast.kernels",
+        "ldeq_fast.data", "ldeq_fast.data.synthetic", "ldeq_fast.compat", "ldeq_fast.kernels",
     ],
     package_dir={"ldeq_fast.kernels": "kernels"},
     package_data={"ldeq_fast": ["assets/*"]},

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
+import random
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
@@ -14,6 +19,80 @@ CELL_NORMS = ("softargmax", "linear", "none")
 SEMANTICS = ("per_sample", "published")
 LAM_MODES = ("scaled", "absolute")
 GRAD_MODES = ("ift", "phantom", "jfb")
+
+
+# ---------------------------------------------------------------------------------------------- field types
+_TYPE_NAMES = {bool: "a bool", int: "an int", float: "a float", str: "a str", dict: "a dict", list: "a list"}
+
+
+@functools.cache
+def _field_kinds(cls) -> dict[str, tuple[type, bool]]:
+    """field name -> (its one base type among _TYPE_NAMES, None allowed) from the class annotations."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        base = [a for a in args if a is not type(None)]
+        if len(base) == 1 and base[0] in _TYPE_NAMES:
+            out[name] = (base[0], len(base) < len(args))
+    return out
+
+
+def _coerce(kind: type, v):
+    """(ok, value): ``v`` as a value of ``kind``.  bool is not an int here (nor an int a bool), an integral
+    number is a float, a tuple a list; numpy scalars count as the Python numbers they hold."""
+    if kind is bool:
+        return isinstance(v, bool), v
+    if isinstance(v, bool):
+        return False, v
+    if kind is int:
+        return isinstance(v, numbers.Integral), int(v) if isinstance(v, numbers.Integral) else v
+    if kind is float:
+        return isinstance(v, numbers.Real), float(v) if isinstance(v, numbers.Real) else v
+    if kind is list and isinstance(v, tuple):
+        return True, list(v)
+    if kind is dict and isinstance(v, Mapping):
+        return True, dict(v)
+    return isinstance(v, kind), v
+
+
+def check_field_types(obj) -> None:
+    """TypeError naming the key for a dataclass field holding a value of the wrong type, e.g.
+    ``LDEQConfig: rel_tol must be a float, got str '5e-3'``; accepted values are normalised in place (an int
+    given for a float field becomes a float)."""
+    cls = type(obj)
+    for f in fields(obj):
+        if f.name not in _field_kinds(cls):
+            continue
+        kind, optional = _field_kinds(cls)[f.name]
+        v = getattr(obj, f.name)
+        if v is None and optional:
+            continue
+        ok, value = _coerce(kind, v)
+        if not ok:
+            raise TypeError(f"{cls.__name__}: {f.name} must be {_TYPE_NAMES[kind]}{' or None' if optional else ''}, "
+                            f"got {type(v).__name__} {v!r}")
+        if value is not v:
+            setattr(obj, f.name, value)
+
+
+# ---------------------------------------------------------------------------------------------- solver depth
+def forward_depth(max_iters: int, stochastic: bool, training: bool) -> int:
+    """The forward solve's iteration budget as the published DEQ layer picks it: with
+    ``stochastic_max_iters``, a depth drawn from 1..max_iters in training (one ``random.randint``) and half
+    the depth (rounded, >= 1) at evaluation; otherwise ``max_iters``."""
+    if not stochastic:
+        return int(max_iters)
+    return random.randint(1, int(max_iters)) if training else max(1, round(max_iters / 2))
+
+
+def backward_depth(max_iters: int, stochastic: bool, backward_max_iters: int = 0) -> int:
+    """The implicit backward solve's iteration budget: deterministic, never drawn.  ``backward_max_iters``
+    when set (> 0); else the published rule, half the depth (rounded, >= 1) with ``stochastic_max_iters``
+    and ``max_iters`` without.  ``max_iters`` is the requested depth (the call's or the config's), not the
+    forward's random draw: the published backward hook reads ``args.max_iters``."""
+    if backward_max_iters:
+        return int(backward_max_iters)
+    return max(1, round(max_iters / 2)) if stochastic else int(max_iters)
 
 
 @dataclass
@@ -51,7 +130,7 @@ class LDEQConfig:
     grad_mode: str = "ift"
     phantom_steps: int = 5
     phantom_damping: float = 0.8
-    backward_max_iters: int = 0           # 0: same as max_iters
+    backward_max_iters: int = 0           # 0: the published rule (backward_depth)
     backend: str = "auto"                 # auto | torch | triton | cpp (ldeq_fast.ops.resolve)
     train_recompute: bool = True          # fast path, training: recompute stem + norm epilogues in backward
     channels_last: bool = True            # fast path: NHWC weights and activations (faster convs)
@@ -75,6 +154,8 @@ class LDEQConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        check_field_types(self)
+
         def check(cond, msg):
             if not cond:
                 raise ValueError(f"LDEQConfig: {msg}")
@@ -105,6 +186,7 @@ class LDEQConfig:
         check(self.softargmax_beta > 0, "softargmax_beta must be > 0")
         check(self.rel_tol >= 0 and self.abs_tol >= 0, "tolerances must be >= 0")
         check(self.check_every >= 0, "check_every must be >= 0")
+        check(self.backward_max_iters >= 0, "backward_max_iters must be >= 0 (0: the published rule)")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:

@@ -5,9 +5,23 @@ linear warm-up + cosine decay; gradient clipping; optional EMA of the weights; b
 stochastic solver depth as an option; evaluation per split with NME / FR / AUC.
 
 Checkpoints (``{out_dir}/last.pt``) are written atomically and hold everything needed to resume exactly:
-model, optimizer, scheduler, EMA, step, and the Python / torch RNG states.  The data order is a pure
-function of (seed, epoch) and augmentation of (seed, epoch, index), so resuming at step s replays the same
-batches as an uninterrupted run.  Data parallel: launch with ``torchrun --nproc_per_node N``; each rank
+model, optimizer, scheduler, EMA, step, skip counters, and the Python / torch RNG states.  The data order is
+a pure function of (seed, epoch) and augmentation of (seed, epoch, index), so resuming at step s replays the
+same batches as an uninterrupted run; a resume whose settings would change that run (seed, batch, steps,
+schedule, loss, data, model: ``RESUME_FREE_KEYS`` lists the ones that may change) is refused, naming the
+keys.
+
+Bad numbers are never applied: a step whose loss or gradients are not finite, or whose forward or backward
+(IFT) solve diverged for any sample (NaN/inf or a residual blow-up: the solver then returns a frozen earlier
+iterate, not a fixed point, and the gradient built on it is no gradient of the model) is skipped (no
+optimizer step, no EMA update, the model's buffers restored), counted (``skipped_steps`` in every train row, and a
+``kind: "skip"`` row for each), and training stops with ``FloatingPointError`` after more than
+``max_consecutive_skips`` skipped steps in a row.  A skipped step still consumes its batch and advances the
+step counter and the lr schedule (as with ``torch.amp.GradScaler``'s skipped steps): ``steps`` counts
+batches, so the data order, the schedule and resuming do not depend on where skips happened.  The backward
+always runs, even for a non-finite loss, so under DDP every rank takes the same decision from the same
+all-reduced gradients.  Train rows carry the forward and backward (IFT) solves' converged / diverged
+fractions.  Data parallel: launch with ``torchrun --nproc_per_node N``; each rank
 takes its slice of every global batch (NCCL on GPU, gloo on CPU).
 """
 from __future__ import annotations
@@ -19,6 +33,7 @@ import math
 import os
 import random
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,9 +45,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from ldeq_fast import metrics
-from ldeq_fast.config import LDEQConfig
+from ldeq_fast.config import LDEQConfig, check_field_types
+from ldeq_fast.model.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save
 from ldeq_fast.model.ldeq import LDEQ
-from ldeq_fast.model.weights import atomic_torch_save, save_weights
+from ldeq_fast.model.weights import save_weights
 
 DATASETS = ("synthetic", "wflw_cropped", "wflw_original")
 
@@ -72,8 +88,10 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     save_rank_weights: bool = False        # debugging/tests: every rank saves its final weights
+    max_consecutive_skips: int = 10        # more non-finite steps in a row than this stop training
 
     def __post_init__(self):
+        check_field_types(self)
         if self.data not in DATASETS:
             raise ValueError(f"TrainConfig: data must be one of {DATASETS}, not {self.data!r}")
         if self.data != "synthetic" and not self.data_root:
@@ -89,6 +107,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig: {name} must be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise ValueError("TrainConfig: ema_decay must be in [0, 1)")
+        if self.max_consecutive_skips < 0:
+            raise ValueError("TrainConfig: max_consecutive_skips must be >= 0")
         self.model_config()  # validates the model overrides (unknown keys are errors)
 
     @classmethod
@@ -105,6 +125,25 @@ class TrainConfig:
     def model_config(self) -> LDEQConfig:
         base = LDEQConfig.small() if self.model_preset == "small" else LDEQConfig()
         return base.replace(**self.model)
+
+
+# settings a resume may change: where things are written and read, how often the run reports, and I/O;
+# every other TrainConfig key shapes the run (its batches, schedule, loss, model) and must match
+RESUME_FREE_KEYS = frozenset({"out_dir", "data_root", "eval_splits", "synthetic_eval_size", "cache_in_memory",
+                              "eval_every", "ckpt_every", "log_every", "eval_batch_size", "num_workers",
+                              "resume", "progress", "save_rank_weights", "max_consecutive_skips"})
+
+
+def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """``key: checkpoint X, now Y`` for each key whose value differs (a key the saved dict lacks counts
+    as its default)."""
+    defaults = defaults or {}
+    out = []
+    for k in sorted(current):
+        old = saved.get(k, defaults.get(k))
+        if old != current[k]:
+            out.append(f"{k}: checkpoint {old!r}, now {current[k]!r}")
+    return out
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -210,6 +249,29 @@ class EMA:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None   # JSON has no NaN
+
+
+def solve_values(stats, device=None) -> torch.Tensor:
+    """(mean iterations, converged fraction, diverged fraction) of a solve's SolverStats, on ``device``; NaN
+    when there was no solve (explicit mode; no IFT backward with phantom / JFB gradients)."""
+    if stats is None:
+        return torch.full((3,), math.nan, device=device)
+    return torch.stack((stats.nstep.float().mean(), stats.converged.float().mean(),
+                        stats.diverged.float().mean())).to(device)
+
+
+def _solve_row(values: list, prefix: str) -> dict:
+    keys = (f"{prefix}_iters", f"{prefix}_converged", f"{prefix}_diverged")
+    return {k: _finite_or_none(v) for k, v in zip(keys, values)}
+
+
+def solve_summary(stats, prefix: str) -> dict:
+    """``{prefix}_iters``, ``{prefix}_converged``, ``{prefix}_diverged`` of a solve (all None without one)."""
+    return _solve_row(solve_values(stats).tolist(), prefix)
+
+
 def gaussian_heatmaps(kpts: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """Target heatmaps peaking at 1 at each keypoint (kpts in [0,1] as x/size, y/size)."""
     grid = torch.arange(size, device=kpts.device, dtype=torch.float32)
@@ -252,7 +314,7 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r["kind"] == "train"]
+    train = [r for r in rows if r["kind"] == "train" and r["loss"] is not None]
     evals = [r for r in rows if r["kind"] == "eval"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
@@ -302,6 +364,8 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warmup_cosine(s, cfg))
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.step = 0
+        self.skipped_steps = 0        # steps not applied (non-finite loss or gradients), in all
+        self.skipped_in_a_row = 0     # ... and in the current run of them
         self.train_set = build_dataset(cfg, cfg.train_split, True, mcfg.im_size)
         if cfg.cache_in_memory:
             if getattr(self.train_set, "augment_config", None) is not None:
@@ -319,7 +383,8 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def checkpoint_state(self) -> dict:
         return {
-            "format": "ldeq_fast.train/1", "step": self.step, "config": self.cfg.to_dict(),
+            "format": TRAIN_CHECKPOINT_FORMAT, "step": self.step, "config": self.cfg.to_dict(),
+            "skipped_steps": self.skipped_steps, "skipped_in_a_row": self.skipped_in_a_row,
             "model_config": self.model.cfg.to_dict(), "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
@@ -333,22 +398,31 @@ class Trainer:
             atomic_torch_save(self.checkpoint_state(), self.ckpt_path)
 
     def load_checkpoint(self, path: Path) -> None:
-        from ldeq_fast.model.published import CheckpointError
-
         try:
             st = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"{path}: cannot resume from a corrupt checkpoint ({exc})") from exc
-        if st.get("format") != "ldeq_fast.train/1":
+        if not isinstance(st, dict) or st.get("format") != TRAIN_CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: not an ldeq_fast training checkpoint")
-        if st["model_config"] != self.model.cfg.to_dict():
-            raise CheckpointError(f"{path}: was written for a different model configuration")
+        model_diff = config_differences(st["model_config"], self.model.cfg.to_dict())
+        if model_diff:
+            raise CheckpointError(f"{path}: cannot resume: the checkpoint was written for a different model "
+                                  f"configuration ({'; '.join(model_diff)}); use another out_dir or resume=false")
+        current = {k: v for k, v in self.cfg.to_dict().items() if k not in RESUME_FREE_KEYS}
+        defaults = TrainConfig.__dataclass_fields__
+        run_diff = config_differences(st["config"], current, {k: f.default for k, f in defaults.items()})
+        if run_diff:
+            raise CheckpointError(f"{path}: cannot resume: these settings differ from the checkpoint's, so the "
+                                  f"resumed run would not continue the same run: {'; '.join(run_diff)}. Use the "
+                                  f"checkpoint's values, another out_dir, or resume=false to start over")
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         if self.ema is not None and st["ema"] is not None:
             self.ema.load_state_dict(st["ema"])
         self.step = int(st["step"])
+        self.skipped_steps = int(st.get("skipped_steps", 0))
+        self.skipped_in_a_row = int(st.get("skipped_in_a_row", 0))
         random.setstate(st["rng"]["python"])
         torch.set_rng_state(st["rng"]["torch"].cpu())
         if st["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -369,24 +443,43 @@ class Trainer:
         return DataLoader(self.train_set, batch_sampler=mine, num_workers=self.cfg.num_workers, collate_fn=_collate)
 
     def train_step(self, batch) -> dict:
+        """One step; returns its train row.  A step with a non-finite loss or gradients, or a diverged forward
+        or backward solve, applies nothing and its row says ``skipped: True`` (see the module docstring)."""
         images, kpts = batch["image"].to(self.device), batch["kpts"].to(self.device)
         self.opt.zero_grad(set_to_none=True)
+        buffers = [b.clone() for b in self.model.buffers()]   # BatchNorm statistics, restored on a skip
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.net(images)
         loss = landmark_loss(out, kpts, self.cfg)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}")
         self.model.backward_log.clear()
-        loss.backward()
+        loss.backward()   # even for a non-finite loss: DDP ranks all-reduce the gradients, then decide alike
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
         bwd = self.model.backward_log.stats
-        return {"loss": float(loss.detach()), "grad_norm": float(gnorm), "lr": self.sched.get_last_lr()[0],
-                "fwd_iters": float(out.stats.nstep.float().mean()) if out.stats is not None else None,
-                "bwd_iters": float(bwd[-1].nstep.float().mean()) if bwd else None}
+        solves = torch.stack((solve_values(out.stats, loss.device), solve_values(bwd[-1] if bwd else None, loss.device)))
+        diverged = solves[:, 2].nan_to_num(0.0) > 0
+        if self.world > 1:   # each rank solved its own samples: any rank's divergence skips the step everywhere
+            diverged = diverged.float()
+            dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
+        values = torch.cat((torch.stack((loss.detach().float(), gnorm.float())), diverged.float(), solves.flatten()))
+        loss_v, gnorm_v, fwd_div, bwd_div, *solve_v = values.tolist()
+        reason = ("non-finite loss" if not math.isfinite(loss_v) else
+                  "non-finite gradients" if not math.isfinite(gnorm_v) else
+                  "forward solve diverged" if fwd_div else "backward solve diverged" if bwd_div else None)
+        if reason is not None:
+            self.opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
+        else:
+            self.opt.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        with warnings.catch_warnings():   # a skipped first step: torch warns that the optimizer has not stepped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.sched.step()   # the schedule follows the step counter, skipped steps included
+        return {"loss": _finite_or_none(loss_v), "grad_norm": _finite_or_none(gnorm_v),
+                "lr": self.sched.get_last_lr()[0], "skipped": reason is not None, "skip_reason": reason,
+                **_solve_row(solve_v[:3], "fwd"), **_solve_row(solve_v[3:], "bwd")}
 
     def _average_buffers(self) -> None:
         """BatchNorm running statistics drift apart per rank (DDP only re-broadcasts them at the next
@@ -411,6 +504,24 @@ class Trainer:
             self._log({"kind": "eval", "step": self.step, "split": split, **r})
         return res
 
+    def _count_skip(self, row: dict) -> None:
+        if not row["skipped"]:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        self._log({"kind": "skip", "step": self.step, "reason": row["skip_reason"], "loss": row["loss"],
+                   "grad_norm": row["grad_norm"], "skipped_steps": self.skipped_steps,
+                   "skipped_in_a_row": self.skipped_in_a_row})
+        if self.skipped_in_a_row > self.cfg.max_consecutive_skips:
+            first = self.step - self.skipped_in_a_row + 1
+            raise FloatingPointError(
+                f"training stopped at step {self.step}: steps {first}..{self.step} ({self.skipped_in_a_row} in a "
+                f"row, more than max_consecutive_skips={self.cfg.max_consecutive_skips}) were skipped, the last for: "
+                f"{row['skip_reason']}; the model diverged or the data is bad (try a lower lr, more warm-up or a "
+                f"smaller grad_clip). Nothing from those steps was applied: {self.ckpt_path} holds the last "
+                f"checkpoint")
+
     def fit(self, stop_at: int | None = None) -> dict | None:
         """Train to ``cfg.steps``; ``stop_at`` interrupts after that step (checkpoint written, returns None),
         as a crash would, for resume tests."""
@@ -427,11 +538,13 @@ class Trainer:
             for batch in self._loader(epoch, offset):
                 row = self.train_step(batch)
                 self.step += 1
+                self._count_skip(row)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    self._log({"kind": "train", "step": self.step, "time_s": time.perf_counter() - t0, **row})
+                    self._log({"kind": "train", "step": self.step, "time_s": time.perf_counter() - t0, **row,
+                               "skipped_steps": self.skipped_steps})
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    bar.set_postfix(loss="skipped" if row["skipped"] else f"{row['loss']:.4f}")
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or self.step == stop_at:
                     self.save_checkpoint()
                 if self.step == stop_at:

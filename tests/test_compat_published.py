@@ -223,7 +223,7 @@ def test_root_solver_interface():
     torch.testing.assert_close(z, z_ref, atol=1e-6, rtol=0)
     assert_logs_match(logs, ref)
     assert logs["max_iters"] == 20 and len(logs["trajectory"]) == len(traj) == logs["n_iters"]
-    assert logs["final_abs_diff"] < 1e-4 < 20  # converged before max_iters
+    assert logs["final_abs_diff"] < 1e-4 and logs["n_iters"] < 20  # converged before max_iters
     random.seed(5)
     _, logs = root_solver(f, x0, 7, args, stochastic_max_iters=True)
     random.seed(5)

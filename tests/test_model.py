@@ -134,25 +134,50 @@ def fp32_convs():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
+DEMO = pathlib.Path(__file__).resolve().parent.parent / "ldeq_fast" / "assets" / "demo_synthetic.pt"
+
+
+@pytest.fixture(scope="module")
+def demo_faces():
+    from ldeq_fast.data.synthetic import SyntheticFaces
+
+    ds = SyntheticFaces(3, size=128, seed=5)
+    return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+
 @pytest.mark.parametrize("device", FAST_DEVICES)
-def test_fast_path_matches_reference_path(device, fp32_convs):
-    """Same weights: fused solver + fused cell epilogues vs the plain PyTorch path."""
-    cfg = LDEQConfig.small(backend="torch", rel_tol=1e-5, max_iters=30)
-    model = _contractive_model(cfg).to(device)
-    x = torch.randn(2, 3, 128, 128, device=device)
+def test_fast_path_matches_reference_path(device, fp32_convs, demo_faces):
+    """The shipped demo model on synthetic faces, solved to a tight tolerance: Anderson does real work
+    (about ten iterations, and the answer moves ~0.15 heatmap px from the first iterate), and the fused
+    solver + fused cell epilogues land where the plain PyTorch path does, to ~1e-5 px."""
+    from ldeq_fast.model import load_weights
+
+    settings = dict(rel_tol=1e-4, max_iters=30)
+    ref_model = load_weights(DEMO, backend="torch", **settings).to(device)
+    fast_model = load_weights(DEMO, backend="auto", **settings).to(device)
+    x = demo_faces.to(device)
     with torch.no_grad():
-        ref = model(x)
-        model.cfg = cfg.replace(backend="auto")
-        fast = model(x)
-    assert fast.stats.backend != "torch"
-    blocks = [m for m in model.deq_layer.cell.modules() if hasattr(m, "epilogue_backend")]
+        ref = ref_model(x)
+        fast = fast_model(x)
+        first = ref_model(x, max_iters=1)
+    assert fast.stats.backend != "torch" and ref.stats.backend == "torch"
+    blocks = [m for m in fast_model.deq_layer.cell.modules() if hasattr(m, "epilogue_backend")]
     assert blocks and all(m.epilogue_backend == "auto" for m in blocks)
-    assert (fast.keypoints - ref.keypoints).abs().max() * cfg.heatmap_size < 0.01
+    assert ref.stats.converged.all() and fast.stats.converged.all()
+    assert (ref.stats.nstep >= 6).all()
+    # the C++ ops round like the eager ones closely enough to stop at the same iteration; Triton's reductions
+    # may cross the tolerance one iteration apart (each answer then still within the tolerance)
+    steps_apart, kpt_px = (0, 1e-3) if device == "cpu" else (1, 5e-3)
+    assert (fast.stats.nstep - ref.stats.nstep).abs().max() <= steps_apart
+    px = ref_model.cfg.heatmap_size
+    assert (first.keypoints - ref.keypoints).abs().max() * px > 0.05     # z matters: the solve moves them
+    assert (fast.keypoints - ref.keypoints).abs().max() * px < kpt_px
+    assert (fast.z_star - ref.z_star).abs().max() < 10 * kpt_px / px
     # training through the fused ops
-    model.train()
-    out = model(x)
+    fast_model.train()
+    out = fast_model(x)
     out.keypoints.sum().backward()
-    assert all(p.grad is not None for p in model.deq_layer.cell.parameters())
+    assert all(p.grad is not None for p in fast_model.deq_layer.cell.parameters())
 
 
 @pytest.mark.parametrize("device", FAST_DEVICES)

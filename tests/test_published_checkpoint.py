@@ -125,5 +125,23 @@ def test_args_mapping():
         published_args_to_config(published_args(z_width=99))
     with pytest.raises(CheckpointError, match="cell_name"):
         published_args_to_config(published_args(cell_name="Cell1"))
+    switches = published_args_to_config(published_args(stochastic_max_iters=1, take_one_less_inference_step=0))
+    assert switches.stochastic_max_iters is True and switches.take_one_less_inference_step is False  # argparse 0/1
     learned = published_args_to_config(published_args(cell_learn_softargmax_beta=True))
     assert abs(learned.softargmax_beta - 1.3132616) < 1e-6   # softplus(1): what the published model used
+
+
+def test_a_training_checkpoint_is_not_a_published_one(tmp_path):
+    from test_train import cfg, write_wflw_cropped  # tests/ is on sys.path (no package)
+
+    from ldeq_fast.train import Trainer
+
+    root = tmp_path / "wflw"
+    write_wflw_cropped(root, "train", 2)
+    write_wflw_cropped(root, "test", 1)
+    Trainer(cfg(root, tmp_path / "run", steps=1, eval_splits=[])).fit(stop_at=1)
+    with pytest.raises(CheckpointError, match=(
+            r"last\.pt is an ldeq_fast training checkpoint \(last\.pt\), not a published LDEQ checkpoint: load the "
+            r"run's exported model\.pt with ldeq_fast\.model\.load_weights \(written when training finishes\), or "
+            r"resume training from it")):
+        load_published(tmp_path / "run" / "last.pt")

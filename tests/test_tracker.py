@@ -1,16 +1,21 @@
+import contextlib
+
 import pytest
 import torch
+from conftest import needs_cpp
 
 from ldeq_fast import LDEQ, LDEQConfig
 from ldeq_fast.video.streams import run_streams
 from ldeq_fast.video.tracker import RwRTracker, TrackerConfig
 
+# the reference path and the fast one (backend 'auto': the fused C++ ops on CPU)
+BACKENDS = ["torch", pytest.param("auto", marks=needs_cpp)]
 
-@pytest.fixture(scope="module")
-def toy_model():
+
+def _toy(backend: str) -> LDEQ:
     """A small LDEQ whose cell is contractive in z and strongly driven by the image."""
     torch.manual_seed(0)
-    m = LDEQ(LDEQConfig.small(backend="torch", max_iters=6, injection_width=16, cell_base_width=16,
+    m = LDEQ(LDEQConfig.small(backend=backend, max_iters=6, injection_width=16, cell_base_width=16,
                               cell_width_increment=4)).eval()
     with torch.no_grad():
         m.deq_layer.cell.tail.conv.weight[:, :98] *= 0.05
@@ -18,8 +23,19 @@ def toy_model():
     return m
 
 
+@pytest.fixture(scope="module")
+def toy_model():
+    return _toy("torch")
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend_model(request):
+    return _toy(request.param)
+
+
 @pytest.mark.parametrize("mode", ["per_frame", "warm", "prox"])
-def test_stream_alone_equals_stream_in_batch(toy_model, mode):
+def test_stream_alone_equals_stream_in_batch(backend_model, mode):
+    toy_model = backend_model
     frames = torch.randn(3, 4, 3, 128, 128)
     batched = RwRTracker(toy_model, TrackerConfig(mode=mode))
     alone = RwRTracker(toy_model, TrackerConfig(mode=mode))
@@ -114,7 +130,8 @@ def test_align_state_moves_a_peak_with_the_crop():
     torch.testing.assert_close(same, z)
 
 
-def test_aligned_tracker_is_batch_invariant_and_checks_affines(toy_model):
+def test_aligned_tracker_is_batch_invariant_and_checks_affines(backend_model):
+    toy_model = backend_model
     frames = torch.randn(2, 3, 3, 128, 128)
     aff = torch.eye(2, 3, dtype=torch.float64).repeat(2, 3, 1, 1)
     aff[:, :, :, 2] += torch.randn(2, 3, 2, dtype=torch.float64) * 3      # box jitter
@@ -149,7 +166,8 @@ def test_fit_motion_recovers_a_similarity_and_a_translation():
 
 
 @pytest.mark.parametrize("mode", ["warm", "prox"])
-def test_motion_predicted_tracker_is_batch_invariant(toy_model, mode):
+def test_motion_predicted_tracker_is_batch_invariant(backend_model, mode):
+    toy_model = backend_model
     frames = torch.randn(2, 4, 3, 128, 128)
     aff = torch.eye(2, 3, dtype=torch.float64).repeat(2, 4, 1, 1)
     aff[:, :, :, 2] += torch.randn(2, 4, 2, dtype=torch.float64) * 3
@@ -162,3 +180,65 @@ def test_motion_predicted_tracker_is_batch_invariant(toy_model, mode):
     assert alone.state["b"].motion is not None
     with pytest.raises(ValueError, match="motion"):
         TrackerConfig(motion="spline")
+
+
+# ------------------------------------------------------------------------------------- diverged solves
+@contextlib.contextmanager
+def poisoned(model, image, until_cold=False):
+    """The model's cell returns NaN for the samples whose injection is ``image``'s (one stream's frame):
+    every evaluation, or with ``until_cold`` only until that stream is solved from zeros."""
+    cell = model.deq_layer.cell
+    with torch.no_grad():
+        target = model.injection(image[None]).flatten(1)
+    state = {"armed": True}
+    original = cell.forward
+
+    def forward(z, injection, *rest):
+        out = original(z, injection, *rest)
+        hit = (injection.flatten(1) - target).abs().amax(1) < 1e-3
+        if until_cold and bool((hit & (z.flatten(1).abs().amax(1) == 0)).any()):
+            state["armed"] = False
+        if state["armed"] and bool(hit.any()):
+            out = out.clone()
+            out[hit] = float("nan")
+        return out
+
+    cell.forward = forward
+    try:
+        yield
+    finally:
+        del cell.forward
+
+
+@pytest.mark.parametrize("mode", ["warm", "prox"])
+def test_a_stream_whose_warm_solve_diverges_is_reset(backend_model, mode):
+    m = backend_model
+    torch.manual_seed(3)
+    frames = torch.randn(2, 2, 3, 128, 128)
+    cfg = TrackerConfig(mode=mode, reset_residual=None, reset_displacement=None)   # divergence is the only rule
+    tracker, clean = RwRTracker(m, cfg), RwRTracker(m, cfg)
+    tracker.step(frames[:, 0], ["a", "b"])
+    clean.step(frames[:, 0], ["a", "b"])
+    with poisoned(m, frames[1, 1], until_cold=True):
+        got = tracker.step(frames[:, 1], ["a", "b"])
+    assert got.reset.tolist() == [False, True] and not got.diverged.any()
+    cold = RwRTracker(m, TrackerConfig(mode="per_frame")).step(frames[1:2, 1], ["b"])
+    assert torch.allclose(got.keypoints[1], cold.keypoints[0], atol=1e-5)   # b was re-solved cold
+    assert got.cell_evals[1] > cold.cell_evals[0]                           # after the failed warm solve
+    assert torch.isfinite(tracker.state["b"].z).all()
+    want = clean.step(frames[:, 1], ["a", "b"])                             # a is untouched by b's trouble
+    assert torch.equal(got.keypoints[0], want.keypoints[0]) and got.cell_evals[0] == want.cell_evals[0]
+
+
+def test_a_stream_whose_cold_solve_diverges_is_reported_and_keeps_no_state(backend_model):
+    m = backend_model
+    torch.manual_seed(4)
+    frames = torch.randn(2, 2, 3, 128, 128)
+    tracker = RwRTracker(m, TrackerConfig(mode="warm"))
+    with poisoned(m, frames[1, 0]):
+        first = tracker.step(frames[:, 0], ["a", "b"])
+    assert first.diverged.tolist() == [False, True] and first.reset.all()
+    assert "b" not in tracker.state and torch.isfinite(tracker.state["a"].z).all()
+    second = tracker.step(frames[:, 1], ["a", "b"])
+    assert second.reset.tolist() == [False, True] and not second.diverged.any()   # b starts cold again
+    assert torch.isfinite(second.keypoints).all()

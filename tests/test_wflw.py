@@ -110,12 +110,14 @@ def test_cropped_missing_files_and_wrong_sizes(tmp_path):
         WFLWCropped(tmp_path, "test_makeup")
     write_cropped_list(tmp_path, ["gone.png " + fmt(np.full(196, 0.5)), "big.png " + fmt(np.full(196, 0.5))])
     write_rgb(tmp_path / "test" / "big.png", np.zeros((S + 1, S, 3), np.uint8))
+    # a missing image is reported when the dataset is built, not when an epoch reaches it
+    with pytest.raises(FileNotFoundError, match=r"^1 of the 2 image files listed in .*test\.txt are missing: "
+                                                r"\S*test/gone\.png$"):
+        WFLWCropped(tmp_path, "test", image_size=S)
+    (tmp_path / "test" / "gone.png").write_bytes(b"not an image")
     ds = WFLWCropped(tmp_path, "test", image_size=S)
-    with pytest.raises(FileNotFoundError, match=r"test/gone\.png"):
-        ds[0]
     with pytest.raises(ValueError, match=rf"big\.png is {S}x{S + 1} \(WxH\); expected {S}x{S}"):
         ds[1]
-    (tmp_path / "test" / "gone.png").write_bytes(b"not an image")
     with pytest.raises(OSError, match=r"could not decode .*gone\.png"):
         ds[0]
     (tmp_path / "test.txt").write_text("\n\n")
@@ -218,7 +220,19 @@ def test_original_bad_lines_and_missing_files(original):
         WFLWOriginal(root, "test")
     ann.write_text("\n".join(good) + "\n")
     (root / "WFLW_images" / "0--Parade" / "2.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"WFLW_images/0--Parade/2\.png"):
-        WFLWOriginal(root, "test", size=S)[2]
+    with pytest.raises(FileNotFoundError, match=r"^1 of the 3 image files listed in .*list_98pt_rect_attr_test\.txt "
+                                                r"are missing: \S*WFLW_images/0--Parade/2\.png$"):
+        WFLWOriginal(root, "test", size=S)
+    assert len(WFLWOriginal(root, "test_largepose", size=S)) == 1   # a subset checks only its own images
     with pytest.raises(FileNotFoundError, match="list_98pt_rect_attr_train.txt"):
         WFLWOriginal(root, "train")
+
+
+def test_many_missing_images_are_counted_and_the_first_five_named(tmp_path):
+    write_cropped_list(tmp_path, [f"{i}.png " + fmt(np.full(196, 0.5)) for i in range(8)])
+    write_rgb(tmp_path / "test" / "7.png", np.zeros((S, S, 3), np.uint8))
+    with pytest.raises(FileNotFoundError) as ei:
+        WFLWCropped(tmp_path, "test", image_size=S)
+    msg = str(ei.value)
+    assert msg.startswith("7 of the 8 image files listed in ") and msg.endswith(" (and 2 more)")
+    assert [f"test/{i}.png" in msg for i in range(8)] == [True] * 5 + [False] * 3

@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from ldeq_fast import numerics
+from ldeq_fast.config import backward_depth, forward_depth
 from ldeq_fast.deq import SolverSettings, _ImplicitGrad, deq_fixed_point
 from ldeq_fast.model.ldeq import LDEQ as _LDEQ
 from ldeq_fast.model.published import (
@@ -166,16 +167,13 @@ class LDEQ(_LDEQ):
         return super().load_state_dict(sd, strict=strict, assign=assign)
 
     # ------------------------------------------------------------------ forward
-    def _solver_iters(self, args) -> tuple[int, bool]:
-        """(max_iters, draw at random) as the published DEQ layer picks them."""
+    def _depths(self, args) -> tuple[int, int]:
+        """(forward, backward) solver depths by the model's rule (config.forward_depth / backward_depth:
+        the published DEQ layer's), read from ``args`` at call time; the forward one is drawn here when
+        training with stochastic_max_iters."""
         mi, stochastic = int(args.max_iters), bool(getattr(args, "stochastic_max_iters", False))
-        if stochastic and not self.training:
-            return max(1, round(mi / 2)), False
-        return mi, stochastic
-
-    def _backward_iters(self, args) -> int:
-        mi = int(args.max_iters)
-        return max(1, round(mi / 2)) if getattr(args, "stochastic_max_iters", False) else mi
+        return (forward_depth(mi, stochastic, self.training),
+                backward_depth(mi, stochastic, self.cfg.backward_max_iters))
 
     def _settings(self, args, max_iters: int, semantics: str) -> SolverSettings:
         stop_mode, tol = _tolerance(args)
@@ -193,9 +191,9 @@ class LDEQ(_LDEQ):
         def func(v):
             return f(v.view(zs)).view(solver_shape)
 
-        max_iters, stochastic = self._solver_iters(args)
+        max_iters, backward_iters = self._depths(args)
         with torch.no_grad():
-            z_star, logs, stats = _root_solve(func, z0.reshape(solver_shape), max_iters, args, stochastic,
+            z_star, logs, stats = _root_solve(func, z0.reshape(solver_shape), max_iters, args, False,
                                               save_trajectory, "forward")
         if self.training and torch.is_grad_enabled():
             z_star = z_star.detach().requires_grad_()
@@ -203,7 +201,7 @@ class LDEQ(_LDEQ):
             if args.solver == "fpi":
                 logs["final_solver_error"] = _fpi_final_error(z_new.detach(), z_star.detach())
             if not getattr(args, "JFB", False):
-                settings = self._settings(args, self._backward_iters(args), "published")
+                settings = self._settings(args, backward_iters, "published")
                 z_new = _ImplicitGrad.apply(z_new, z_star, settings, self.backward_log)
         elif self.training or not getattr(args, "take_one_less_inference_step", False):
             with torch.no_grad():
@@ -218,11 +216,9 @@ class LDEQ(_LDEQ):
         return z_new.view(zs), logs, trajectory, stats
 
     def _implicit_fast(self, f, z0, args):
-        max_iters, stochastic = self._solver_iters(args)
-        if stochastic:
-            max_iters = random.randint(1, max_iters)
+        max_iters, backward_iters = self._depths(args)
         settings = self._settings(args, max_iters, "per_sample")
-        bwd = self._settings(args, self._backward_iters(args), "per_sample")
+        bwd = self._settings(args, backward_iters, "per_sample")
         grad_mode = "jfb" if getattr(args, "JFB", False) else self.cfg.grad_mode
         extra = self.training or not getattr(args, "take_one_less_inference_step", False)
         z, stats = deq_fixed_point(f, z0, settings, grad_mode=grad_mode, extra_step=extra, backward_settings=bwd,
@@ -249,7 +245,7 @@ class LDEQ(_LDEQ):
             if z0.numel() != math.prod(zs):
                 raise ValueError(f"z0 must have shape {zs} (or its (B, D, 1) view), got {tuple(z0.shape)}")
             z0 = z0.reshape(zs)
-        self._check_inputs(x, z0)
+        x = self._check_inputs(x, z0)
         fast = self.fast or getattr(args, "ldeq_fast_semantics", "published") == "per_sample"
         if fast and save_trajectory and mode == "implicit":
             raise ValueError("save_trajectory needs the published solver semantics (fast=False): the per-sample "

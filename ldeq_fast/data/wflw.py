@@ -7,6 +7,9 @@ of the S x S image ``{root}/{split}/{relpath}``).
 
 Original layout: ``list_98pt_rect_attr_{train,test}.txt`` lines of 196 landmark coordinates (pixels),
 a box ``x_min y_min x_max y_max``, six 0/1 attribute flags and the image path relative to ``WFLW_images/``.
+
+Both readers check, when built, that every listed image file exists (a missing one is reported with the
+count and the first few paths), so a broken download fails at once rather than hours into training.
 """
 
 from __future__ import annotations
@@ -78,6 +81,16 @@ def read_rgb(path: Path, size: int | None = None) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def check_files_exist(paths: list[Path], what: str, listed_in: Path, show: int = 5) -> None:
+    """FileNotFoundError naming the count and the first few of ``paths`` that are not files."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        first = ", ".join(map(str, missing[:show]))
+        more = f" (and {len(missing) - show} more)" if len(missing) > show else ""
+        raise FileNotFoundError(f"{len(missing)} of the {len(paths)} {what} listed in {listed_in} are missing: "
+                                f"{first}{more}")
+
+
 class _Augmented(Dataset):
     """Per-item augmentation seeded by (seed, epoch, index): deterministic, worker-independent, and new
     draws each epoch once ``set_epoch`` is called."""
@@ -132,6 +145,7 @@ class WFLWCropped(_Augmented):
             raise AnnotationError(f"{self.list_file}: no annotation lines")
         self.relpaths = paths
         self.kpts = np.stack(kpts).astype(np.float32)
+        check_files_exist([self.image_path(i) for i in range(len(paths))], "image files", self.list_file)
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -213,6 +227,7 @@ class WFLWOriginal(_Augmented):
         self.boxes = np.stack(boxes)[keep]             # (N,4)
         self.attributes = attrs[keep]                  # (N,6) int64
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        check_files_exist([self.image_path(i) for i in range(len(self.relpaths))], "image files", self.list_file)
 
     def __len__(self) -> int:
         return len(self.relpaths)

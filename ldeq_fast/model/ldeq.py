@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import random
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,12 +10,16 @@ import torch
 from torch import nn
 
 from ldeq_fast import numerics
-from ldeq_fast.config import LDEQConfig
+from ldeq_fast.config import LDEQConfig, backward_depth, forward_depth
 from ldeq_fast.deq import BackwardLog, SolverSettings, deq_fixed_point
 from ldeq_fast.model.layers import Cell, ConvBlock, HeatmapNorm, Stem
 from ldeq_fast.model.recompute import EpilogueRecompute, recompute_stem
 from ldeq_fast.ops import recording_backends
 from ldeq_fast.ops.heatmap import heatmap_keypoints, softargmax_heatmaps_ref
+
+# ImageNet-normalised pixels lie in [-2.12, 2.64]; a float image with a value above this bound is taken for
+# 0-255 pixels (any such image but a nearly black one), with room left for other normalisations
+MAX_NORMALISED_PIXEL = 25.0
 
 
 @dataclass
@@ -77,11 +81,16 @@ class LDEQ(nn.Module):
     def zeros_z0(self, images: torch.Tensor) -> torch.Tensor:
         return images.new_zeros(self.z_shape(images.shape[0]), dtype=self.state_dtype)
 
-    def solver_settings(self, max_iters: int | None = None, **changes) -> SolverSettings:
+    def solver_settings(self, max_iters: int | None = None, *, backward: bool = False, **changes) -> SolverSettings:
+        """The forward solve's settings (``max_iters`` or the config's, through ``forward_depth``: a random
+        depth when training with stochastic_max_iters), or with ``backward=True`` the implicit backward's
+        (``backward_depth``: deterministic, the rule the compat layer shares)."""
         c = self.cfg
         mi = c.max_iters if max_iters is None else int(max_iters)
-        if c.stochastic_max_iters:  # published: random depth in training, half depth at eval
-            mi = random.randint(1, mi) if self.training else max(1, round(mi / 2))
+        if backward:
+            mi = backward_depth(mi, c.stochastic_max_iters, c.backward_max_iters)
+        else:
+            mi = forward_depth(mi, c.stochastic_max_iters, self.training)
         s = SolverSettings(method=c.solver, max_iter=mi, tol=c.tol, stop_mode=c.stop_mode, m=c.anderson_m,
                            lam=c.anderson_lam, lam_mode=c.lam_mode if c.solver_semantics == "per_sample" else "absolute",
                            beta=c.anderson_beta, semantics=c.solver_semantics, backend=c.backend,
@@ -90,18 +99,40 @@ class LDEQ(nn.Module):
             setattr(s, k, v)
         return s
 
-    def _check_inputs(self, images: torch.Tensor, z0: torch.Tensor | None):
+    def _check_inputs(self, images: torch.Tensor, z0: torch.Tensor | None) -> torch.Tensor:
+        """Check a batch of images (and z0) and return the images in the model's dtype.
+
+        Any floating dtype is accepted and cast to the weights' dtype (fp16/bf16 -> fp32 is exact; fp64 ->
+        fp32 rounds far below pixel noise; autocast then picks the compute dtype as usual).  One reduction,
+        read with one host sync, catches both NaN/inf and images that are plainly 0-255 pixel values."""
         c = self.cfg
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor (B, 3, {c.im_size}, {c.im_size}), got {type(images).__name__}")
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != c.im_size or images.shape[3] != c.im_size:
             raise ValueError(f"images must have shape (B, 3, {c.im_size}, {c.im_size}), got {tuple(images.shape)}")
         if not images.is_floating_point():
-            raise TypeError(f"images must be a floating-point tensor (normalised), got {images.dtype}")
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError("images contain NaN or inf")
+            raise TypeError(f"images must be a floating-point tensor (normalised), got {images.dtype}: convert "
+                            f"uint8 RGB with ldeq_fast.data.transforms.normalize_image")
+        weight = next(self.tail.parameters())
+        if images.device != weight.device:
+            raise ValueError(f"images are on device {images.device} but the model is on {weight.device}: "
+                             f"move them with images.to({str(weight.device)!r})")
         if z0 is not None:
             want = self.z_shape(images.shape[0])
             if tuple(z0.shape) != want:
                 raise ValueError(f"z0 must have shape {want}, got {tuple(z0.shape)}")
+            if z0.device != weight.device:
+                raise ValueError(f"z0 is on device {z0.device} but the model is on {weight.device}")
+        images = images.to(weight.dtype)
+        lo, hi = torch.aminmax(images)
+        lo, hi = torch.stack((lo, hi)).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("images contain NaN or inf")
+        if hi > MAX_NORMALISED_PIXEL:
+            raise ValueError(f"images have values up to {hi:.1f}: they look like 0-255 pixel values, but the model "
+                             f"takes normalised images ((x / 255 - ImageNet mean) / std, in about [-2.2, 2.7]); "
+                             f"use ldeq_fast.data.transforms.normalize_image")
+        return images
 
     def heatmaps_from_z(self, z: torch.Tensor) -> torch.Tensor:
         """The keypoint heatmaps held in a state z (its first n_keypoints channels)."""
@@ -148,7 +179,7 @@ class LDEQ(nn.Module):
 
     def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                 max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
-        self._check_inputs(images, z0)
+        images = self._check_inputs(images, z0)
         return self.forward_unchecked(images, z0, mode, max_iters, solver)
 
     def forward_unchecked(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
@@ -185,7 +216,7 @@ class LDEQ(nn.Module):
                 z = f(z)
         elif mode == "implicit":
             settings = solver or self.solver_settings(max_iters)
-            bwd = self.solver_settings(c.backward_max_iters or settings.max_iter)
+            bwd = self.solver_settings(max_iters if solver is None else solver.max_iter, backward=True)
             z, stats = deq_fixed_point(f, z0, settings, grad_mode=c.grad_mode,
                                        extra_step=not c.take_one_less_inference_step, backward_settings=bwd,
                                        phantom_steps=c.phantom_steps, phantom_damping=c.phantom_damping,

@@ -6,6 +6,7 @@ The file is read with ``torch.load(weights_only=True)`` and an explicit allow-li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pickle
 import zipfile
@@ -13,6 +14,15 @@ import zipfile
 import torch
 
 from ldeq_fast.config import LDEQConfig
+from ldeq_fast.model.checkpoint import (
+    TRAIN_CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_torch_save,
+    load_state_dict_strict,
+)
+
+__all__ = ["CheckpointError", "read_checkpoint", "published_args_to_config", "load_state_dict_strict",
+           "load_published", "save_published"]
 
 SAFE_GLOBALS = [argparse.Namespace]
 
@@ -42,11 +52,8 @@ _ARG_MAP = {
     "stochastic_max_iters": "stochastic_max_iters",
     "take_one_less_inference_step": "take_one_less_inference_step",
 }
+_BOOL_FIELDS = {f.name for f in dataclasses.fields(LDEQConfig) if f.type in ("bool", bool)}
 _REQUIRED = ("n_keypoints", "injection_width", "cell_base_width", "cell_width_increment", "heatmap_size")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: unreadable, unsafe, or not matching the model."""
 
 
 def read_checkpoint(path, map_location="cpu") -> dict:
@@ -62,6 +69,10 @@ def read_checkpoint(path, map_location="cpu") -> dict:
                               f"(tensors, containers, argparse.Namespace): {exc}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
+    if isinstance(ckpt, dict) and ckpt.get("format") == TRAIN_CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is an ldeq_fast training checkpoint (last.pt), not a published LDEQ "
+                              f"checkpoint: load the run's exported model.pt with ldeq_fast.model.load_weights "
+                              f"(written when training finishes), or resume training from it")
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{path}: expected a dict with 'args' and 'state_dict', got {keys}")
@@ -87,10 +98,13 @@ def published_args_to_config(args, **overrides) -> LDEQConfig:
     z_width = a.get("z_width")
     if z_width is not None and z_width != d["n_keypoints"] + d.get("extra_latent_width", 0):
         raise CheckpointError(f"published args: z_width={z_width} != n_keypoints + cell_extra_latent_width")
+    for k, v in d.items():   # an argparse type=int flag stored 0/1 for a switch: the published code reads truthiness
+        if k in _BOOL_FIELDS and not isinstance(v, bool) and v in (0, 1):
+            d[k] = bool(v)
     d.update(overrides)
     try:
         return LDEQConfig.from_dict(d)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise CheckpointError(f"published args do not describe a valid model: {exc}") from exc
 
 
@@ -98,29 +112,6 @@ def _strip_prefix(sd: dict) -> dict:
     if sd and all(k.startswith("module.") for k in sd):
         return {k[len("module."):]: v for k, v in sd.items()}
     return sd
-
-
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source: str = "checkpoint") -> None:
-    """Load with every missing, unexpected or mis-shaped key named in the error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shape_bad = sorted(f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-                       for k in set(own) & set(state_dict)
-                       if not isinstance(state_dict[k], torch.Tensor) or state_dict[k].shape != own[k].shape)
-    if missing or unexpected or shape_bad:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if shape_bad:
-            parts.append(f"shape mismatches ({len(shape_bad)}): {shape_bad}")
-        raise CheckpointError(f"{source} does not match the model: " + "; ".join(parts))
-    for k, v in state_dict.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise CheckpointError(f"{source}: parameter {k} contains NaN or inf")
-    model.load_state_dict(state_dict, strict=True)
 
 
 def load_published(path, map_location="cpu", **config_overrides):
@@ -151,6 +142,4 @@ def save_published(model, path, **extra_args) -> None:
         anderson_beta=c.anderson_beta, max_iters=c.max_iters, stochastic_max_iters=c.stochastic_max_iters,
         take_one_less_inference_step=c.take_one_less_inference_step, JFB=c.grad_mode == "jfb",
         verbose_solver=False, **extra_args)
-    from ldeq_fast.model.weights import atomic_torch_save
-
     atomic_torch_save({"args": args, "state_dict": model.state_dict()}, path)

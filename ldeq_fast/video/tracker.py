@@ -15,9 +15,11 @@ is used (``align``): otherwise a warm start carries the box jitter straight into
 also moves it on by the landmarks' motion over the last frame (a translation or a similarity fitted in
 frame pixels), so the prox pull aims where the face is going rather than where it was.
 
-A reset policy guards against scene cuts and lost faces: when a warm/prox solve ends with a residual
-above ``reset_residual`` or the landmarks jump by more than ``reset_displacement`` (fraction of the crop),
-that stream's frame is solved again from zeros with the full solver.  Every stream's state and decision
+A reset policy guards against scene cuts, lost faces and bad numbers: when a warm/prox solve diverges (NaN/inf
+or a residual blow-up, ``SolverStats.diverged``), ends with a residual above ``reset_residual`` or moves the
+landmarks by more than ``reset_displacement`` (fraction of the crop), that stream's frame is solved again
+from zeros with the full solver.  A cold solve that itself diverges is reported (``FrameResult.diverged``) and
+is never kept as the stream's state: the stream's next frame starts cold again.  Every stream's state and decision
 is its own, and the solver is per-sample, so a stream gives the same answer alone or batched with others.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ldeq_fast.config import check_field_types
 from ldeq_fast.data.transforms import apply_affine, invert_affine
 from ldeq_fast.deq import SolverSettings, deq_fixed_point
 from ldeq_fast.model.ldeq import LDEQ
@@ -49,6 +52,7 @@ class TrackerConfig:
     motion: str = "none"                # and move it by the landmarks' last motion: none|translation|similarity
 
     def __post_init__(self):
+        check_field_types(self)
         if self.mode not in MODES:
             raise ValueError(f"TrackerConfig: mode must be one of {MODES}, not {self.mode!r}")
         if self.iters < 1 or self.prox_max_iters < 1:
@@ -75,6 +79,8 @@ class FrameResult:
     cell_evals: torch.Tensor       # (S,) cell evaluations spent on this frame (stem excluded)
     reset: torch.Tensor            # (S,) bool: the stream was (re)started cold on this frame
     residual: torch.Tensor         # (S,) final solver residual
+    diverged: torch.Tensor         # (S,) bool: even the cold solve diverged: these landmarks are not to be
+    # trusted, and the stream keeps no state (its next frame starts cold)
 
 
 def _compose(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -138,7 +144,7 @@ class RwRTracker:
                              f"{tuple(images.shape)}")
         if len(set(streams)) != len(streams):
             raise ValueError("stream ids in one step must be unique")
-        m._check_inputs(images, None)
+        images = m._check_inputs(images, None)
         S = images.shape[0]
         if affines is not None:
             affines = torch.as_tensor(affines, dtype=torch.float64)
@@ -151,6 +157,7 @@ class RwRTracker:
         z = torch.empty((S,) + m.z_shape(1)[1:], device=images.device, dtype=m.state_dtype)
         evals = torch.zeros(S, dtype=torch.long, device=images.device)
         residual = torch.zeros(S, device=images.device)
+        diverged = torch.zeros(S, dtype=torch.bool, device=images.device)
         cold = ~known if tc.mode != "per_frame" else torch.ones(S, dtype=torch.bool, device=images.device)
 
         if bool((~cold).any()):
@@ -184,9 +191,9 @@ class RwRTracker:
             z[idx] = zw
             evals[idx] = st.nstep + n_extra
             residual[idx] = st.best_residual.to(residual.dtype)
-            # reset rules: a solve that did not settle, or landmarks that jumped
+            # reset rules: a solve that diverged or did not settle, or landmarks that jumped
             kp_new = m.keypoints_from_heatmaps(m.heatmaps_from_z(zw))[0]
-            bad = torch.zeros(len(idx), dtype=torch.bool, device=images.device)
+            bad = st.diverged.to(images.device).clone()
             if tc.reset_residual is not None:
                 bad |= st.best_residual > tc.reset_residual
             if tc.reset_displacement is not None:
@@ -196,17 +203,23 @@ class RwRTracker:
             z, st = deq_fixed_point(m.cell_fn(x), torch.zeros_like(z), full, extra_step=extra)
             evals += st.nstep + int(extra)
             residual = st.best_residual.to(residual.dtype)
+            diverged = st.diverged.to(images.device).clone()
         elif bool(cold.any()):
             idx = cold.nonzero().flatten()
             zc, st = deq_fixed_point(m.cell_fn(x[idx]), torch.zeros_like(z[idx]), full, extra_step=extra)
             z[idx] = zc
             evals[idx] += st.nstep + int(extra)
             residual[idx] = st.best_residual.to(residual.dtype)
+            diverged[idx] = st.diverged.to(images.device)
         kpts, spread, _ = m.keypoints_from_heatmaps(m.heatmaps_from_z(z))
         frame_px = None
         if affines is not None:
             frame_px = apply_affine(kpts.double().cpu() * c.im_size, affines, inverse=True)
+        dropped = diverged.tolist()
         for i, s in enumerate(streams):
+            if dropped[i]:   # a diverged solve is never a warm start
+                self.state.pop(s, None)
+                continue
             prev_state = self.state.get(s)
             motion = None
             if (tc.motion != "none" and frame_px is not None and prev_state is not None
@@ -216,4 +229,4 @@ class RwRTracker:
                                     None if frame_px is None else frame_px[i], motion)
         started_cold = cold if tc.mode != "per_frame" else ~known
         return FrameResult(keypoints=kpts, uncertainty=spread, cell_evals=evals, reset=started_cold,
-                           residual=residual)
+                           residual=residual, diverged=diverged)
