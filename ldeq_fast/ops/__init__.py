@@ -220,7 +220,7 @@ def _kernels_package():
     except BaseException:
         del sys.modules[name]
         raise
-    setattr(sys.modules["ldeq_fast"], "kernels", module)  # as the import system does for a subpackage
+    sys.modules["ldeq_fast"].kernels = module  # as the import system does for a subpackage
     return module
 
 
