@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -68,6 +69,12 @@ class _ImplicitGrad(torch.autograd.Function):
             g, stats = solve(vjp_fixed_point, torch.zeros_like(grad), **ctx.settings.kwargs())
         if ctx.log is not None:
             ctx.log.stats.append(stats)
+        if bool(stats.diverged.any()):
+            # such a sample's gradient is its best iterate (zeros if the first one failed), not the implicit
+            # gradient: say so (the trainer skips the step; see ldeq_fast/train.py)
+            warnings.warn(f"ldeq_fast: the implicit backward solve diverged for {int(stats.diverged.sum())} of "
+                          f"{stats.diverged.numel()} samples; their gradients are not the implicit gradient",
+                          RuntimeWarning, stacklevel=2)
         return g, None, None, None
 
 

@@ -15,9 +15,12 @@ def test_bench_small_runs_and_writes_json(tmp_path):
     paths = {r["path"] for r in res["rows"]}
     assert {"reference", "published"} <= paths
     for r in res["rows"]:
-        assert r["images_per_s"] > 0 and r["max_kpt_diff_px"] >= 0
+        assert r["images_per_s"] > 0
         if r["path"] == "reference":
-            assert r["max_kpt_diff_px"] == 0.0
+            assert r["max_kpt_diff_px"] == 0.0 and set(r["backends"].values()) == {"torch"}
+    fast = [r for r in res["rows"] if r["path"] == "fast"]
+    assert len(fast) == 2 and all(set(r["backends"].values()) == {"cpp"} for r in fast), fast
+    assert res["fast_path_problems"] == [] and "fast path ran: " in proc.stdout
 
 
 def test_unknown_path_is_an_error():

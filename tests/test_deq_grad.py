@@ -123,3 +123,17 @@ def test_inference_takes_extra_step_unless_disabled():
     with torch.no_grad():
         deq_fixed_point(f, torch.zeros(1, 6, dtype=torch.float64), settings(max_iter=3, tol=0.0), extra_step=False)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_diverged_backward_solve_is_reported(backend):
+    """Fixed-point iteration on a vector-Jacobian map that blows up (df/dz = 3 I): the backward says so instead of
+    handing back its best iterate silently."""
+    w = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    log = BackwardLog()
+    z, _ = deq_fixed_point(lambda z: w * z + x, torch.zeros_like(x),
+                           settings(method="fpi", max_iter=30, backend=backend), grad_mode="ift", log=log)
+    with pytest.warns(RuntimeWarning, match="implicit backward solve diverged for 2 of 2 samples"):
+        z.sum().backward()
+    assert log.stats[-1].diverged.all()

@@ -181,20 +181,22 @@ def test_fast_path_matches_reference_path(device, fp32_convs, demo_faces):
 
 
 @pytest.mark.parametrize("device", FAST_DEVICES)
-def test_fast_path_under_bf16_autocast_keeps_fp32_state(device):
-    """bf16 autocast (the GPU recipe): convs in bf16, solver state and statistics fp32."""
-    cfg = LDEQConfig.small(backend="auto", rel_tol=1e-4, max_iters=20)
-    model = _contractive_model(cfg).to(device)
-    x = torch.randn(2, 3, 128, 128, device=device)
+def test_fast_path_under_bf16_autocast_agrees_with_fp32(device, demo_faces, monkeypatch):
+    """bf16 autocast (the GPU recipe) on the trained demo model: convolutions in bf16, the state fp32, and the
+    keypoints within a twentieth of a heatmap pixel of fp32 on average (the GPU validation's target).  On a
+    CPU without native bf16 LDEQ_FAST_ALLOW_SLOW_BF16 keeps the bf16 convolutions (slow, but two images)."""
+    from ldeq_fast.model import load_weights
+
+    monkeypatch.setenv("LDEQ_FAST_ALLOW_SLOW_BF16", "1")
+    model = load_weights(DEMO, backend="auto").to(device)
+    x = demo_faces[:2].to(device)
     with torch.no_grad():
         ref = model(x)
         with torch.autocast(device, dtype=torch.bfloat16):
             low = model(x)
     assert low.z_star.dtype == torch.float32 and low.keypoints.dtype == torch.float32
-    assert torch.isfinite(low.keypoints).all()
-    # bf16 convolutions (8-bit mantissa) move the fixed point a little; on these random, nearly flat heatmaps
-    # that is ~0.15 heatmap px (a broken cast would be pixels off)
-    assert (low.keypoints - ref.keypoints).abs().max() * cfg.heatmap_size < 0.3
+    diff = (low.keypoints - ref.keypoints).abs() * model.cfg.heatmap_size
+    assert 0 < diff.mean() < 0.05 and diff.max() < 0.5, (diff.mean(), diff.max())
 
 
 @needs_cpp

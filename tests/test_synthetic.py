@@ -1,7 +1,6 @@
 """Synthetic faces and videos: determinism, layout geometry, visible structure, speed, video properties."""
 
 import dataclasses
-import time
 
 import cv2
 import numpy as np
@@ -169,17 +168,6 @@ def test_occluders_cover_pixels_but_not_landmarks():
     x, y = np.round(lb[97]).astype(int)  # right pupil is under the occluder
     np.testing.assert_allclose(b[y, x], (0, 200, 0), atol=3)
     assert not np.array_equal(a[y, x], b[y, x])
-
-
-def test_render_speed():
-    ps = [sample_params(np.random.default_rng((0, i)), "normal") for i in range(20)]
-    render_face(ps[0])
-    t = time.perf_counter()
-    for p in ps:
-        render_face(p, 256)
-    ms = (time.perf_counter() - t) / len(ps) * 1e3
-    # target is < 10 ms on an idle core; the bound is loose for a shared 2-core machine
-    assert ms < 40, f"rendering one 256x256 face took {ms:.1f} ms"
 
 
 def test_bad_arguments():
