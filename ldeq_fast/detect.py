@@ -97,8 +97,9 @@ class HaarDetector:
         for (x, y, w, h), n in zip(np.asarray(rects).reshape(-1, 4), np.asarray(neighbours).reshape(-1)):
             cx, cy = (x + w / 2) / f, (y + h / 2 + self.shift_down * h) / f
             half = self.grow * max(w, h) / 2 / f
-            out.append(FaceBox(cx - half, cy - half, cx + half, cy + half, float(n), self.name))
-        return sorted(out, key=lambda b: -b.area)
+            out.append(FaceBox(float(cx - half), float(cy - half), float(cx + half), float(cy + half), float(n),
+                               self.name))
+        return sorted(out, key=lambda b: (-b.score, -b.area))
 
 
 class YuNetDetector:

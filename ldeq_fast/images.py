@@ -73,10 +73,16 @@ def read_image(path) -> np.ndarray:
     data = np.fromfile(p, dtype=np.uint8)   # (cv2.imread cannot say why it failed)
     if data.size == 0:
         raise ImageError(f"{p}: empty file")
-    bgr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    try:
+        bgr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        if "MAX_IMAGE_PIXELS" in str(exc):
+            raise ImageError(f"{p}: too large for OpenCV to decode (over its OPENCV_IO_MAX_IMAGE_PIXELS limit, 2^30 "
+                             "pixels by default; raise it in the environment if you have the memory)") from exc
+        raise ImageError(f"{p}: OpenCV cannot decode it: {exc}") from exc
     if bgr is None:
         raise ImageError(f"{p}: not a readable image (corrupt, not an image, an unsupported format, or over "
-                         "OpenCV's CV_IO_MAX_IMAGE_PIXELS limit, 2^30 pixels by default)")
+                         "OpenCV's OPENCV_IO_MAX_IMAGE_PIXELS limit, 2^30 pixels by default)")
     if bgr.ndim == 3 and bgr.shape[2] == 3:
         bgr = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     elif bgr.ndim == 3 and bgr.shape[2] == 4:

@@ -138,6 +138,8 @@ class Landmarker:
             raise ValueError("batch_size and max_faces must be >= 1")
         self.batch_size, self.max_faces, self.extra_scale = batch_size, max_faces, extra_scale
         self.box_deadband, self.redetect_every, self.redetect_iou = box_deadband, redetect_every, redetect_iou
+        # FFmpeg threads for decoding / encoding: one on a CPU run (the model has the cores), else its choice
+        self.io_threads = 1 if self.device.type == "cpu" else 0
 
     @property
     def detector(self):
@@ -327,7 +329,7 @@ class _VideoStream:
         if isinstance(self.video, (str, Path)):
             from ldeq_fast.video.io import FrameReader
 
-            return FrameReader(self.video, self.prefetch)
+            return FrameReader(self.video, self.prefetch, self.lm.io_threads)
         return self.video
 
     def _detect(self, image) -> tuple[np.ndarray | None, str]:

@@ -206,7 +206,8 @@ class _VideoSink:
         if self.draw_video:
             if self.video is None:
                 h, w = f.image.shape[:2]
-                self.video = VideoWriter(self.out / f"{self.name}.mp4", self.info.get("fps") or 30.0, w, h)
+                self.video = VideoWriter(self.out / f"{self.name}.mp4", self.info.get("fps") or 30.0, w, h,
+                                         threads=self.run["io_threads"])
             label = f"{f.index}" + (" reset" if f.reset else "") + (f" {f.note}" if f.note else "")
             self.video.write(draw_landmarks(f.image, f.landmarks, f.uncertainty if self.uncertainty else None,
                                             f.box, f.box_source, label))
@@ -303,7 +304,8 @@ def cmd_track(a) -> int:
     infos = [probe_video(files[i]) for i in mine]
     total = sum((inf or {}).get("frames") or 0 for inf in infos) or None
     run = {"model": str(a.model), "mode": a.mode, "tracker": asdict(lm.tracker_cfg), "detector": lm.detector_name,
-           "device": str(lm.device), "n_keypoints": lm.model.cfg.n_keypoints}
+           "device": str(lm.device), "n_keypoints": lm.model.cfg.n_keypoints,
+           "io_threads": lm.io_threads}
     sinks = [_VideoSink(out, names[i], str(files[i]), inf, not a.no_video, a.uncertainty, run)
              for i, inf in zip(mine, infos)]
     writer = BackgroundWorker(depth=2 * a.batch, name="track-writer")

@@ -58,9 +58,10 @@ class FrameReader:
     at once); iterating yields frames and raises :class:`VideoReadError` naming the frame where decoding
     failed, or where the stream ended short of the frame count its container declares.
 
-    ``fps``, ``frames`` (declared count, None when the container does not say), ``width``, ``height``."""
+    ``fps``, ``frames`` (declared count, None when the container does not say), ``width``, ``height``;
+    ``threads``: FFmpeg decoding threads (0: its own choice)."""
 
-    def __init__(self, path, prefetch: int = 4):
+    def __init__(self, path, prefetch: int = 4, threads: int = 0):
         av = _av()
         self.path = Path(path)
         if not self.path.is_file():
@@ -73,7 +74,10 @@ class FrameReader:
         except av.error.FFmpegError as exc:
             raise VideoReadError(self.path, None, f"not a readable video ({exc})") from exc
         s = streams[0]
-        s.thread_type = "AUTO"
+        if threads:          # on a CPU-bound run, leave the cores to the model
+            s.codec_context.thread_count = int(threads)
+        else:
+            s.thread_type = "AUTO"
         self._stream = s
         self.width, self.height = int(s.codec_context.width), int(s.codec_context.height)
         rate = s.average_rate or s.guessed_rate
@@ -149,7 +153,8 @@ class VideoWriter:
     size is kept exactly); mpeg4 where this PyAV build has no libx264 (``codec`` says which).  Written to
     ``path.part`` and moved to ``path`` by :meth:`close`."""
 
-    def __init__(self, path, fps: float, width: int, height: int, crf: int = 20, preset: str = "veryfast"):
+    def __init__(self, path, fps: float, width: int, height: int, crf: int = 20, preset: str = "veryfast",
+                 threads: int = 0):
         av = _av()
         self.path, self.part = Path(path), part_path(path)
         self.width, self.height, self.frames = int(width), int(height), 0
@@ -163,6 +168,8 @@ class VideoWriter:
         self._stream.pix_fmt = "yuv420p" if even or self.codec != "libx264" else "yuv444p"
         if self.codec == "libx264":
             self._stream.options = {"crf": str(crf), "preset": preset}
+        if threads:
+            self._stream.codec_context.thread_count = int(threads)
         self._av = av
 
     def write(self, image: np.ndarray) -> None:
