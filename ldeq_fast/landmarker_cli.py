@@ -187,19 +187,19 @@ class _VideoSink:
 
     def __init__(self, out: Path, name: str, source: str, info: dict | None, draw_video: bool, uncertainty: bool,
                  run: dict):
-        from ldeq_fast.video.io import LandmarkCSV
-
         self.out, self.name, self.source, self.info = out, name, source, info or {}
         self.draw_video, self.uncertainty, self.run = draw_video, uncertainty, run
-        self.csv = LandmarkCSV(out / f"{name}.csv")
+        self.csv = None            # opened when the video starts: a run of many videos holds O(slots) files
         self.video = None
         self.rows: list = []       # per-frame landmark arrays (small), for the NPZ
         self.t_first = self.t_last = None
 
     def write(self, f) -> None:
         from ldeq_fast.draw import draw_landmarks
-        from ldeq_fast.video.io import VideoWriter
+        from ldeq_fast.video.io import LandmarkCSV, VideoWriter
 
+        if self.csv is None:
+            self.csv = LandmarkCSV(self.out / f"{self.name}.csv")
         self.rows.append((f.index, f.landmarks, f.uncertainty, f.box, f.box_source, f.reset, f.cell_evals,
                           f.residual, f.note))
         self.csv.write(f.index, f.landmarks, f.uncertainty, f.box, f.box_source)
@@ -213,8 +213,10 @@ class _VideoSink:
                                             f.box, f.box_source, label))
 
     def close(self, error, seconds) -> dict:
-        from ldeq_fast.video.io import save_npz, write_text
+        from ldeq_fast.video.io import LandmarkCSV, save_npz, write_text
 
+        if self.csv is None:       # no frame decoded: an empty CSV (header only)
+            self.csv = LandmarkCSV(self.out / f"{self.name}.csv")
         K = self.run["n_keypoints"]
         T = len(self.rows)
         lms = np.full((T, K, 2), np.nan, np.float32)
@@ -258,6 +260,7 @@ class _VideoSink:
         if self.video is not None:
             summary["codec"] = self.video.codec
         write_text(self.out / f"{self.name}.json", json.dumps(summary, indent=1))
+        self.rows, self.csv, self.video = [], None, None
         return summary
 
 
@@ -303,7 +306,7 @@ def cmd_track(a) -> int:
     out.mkdir(parents=True, exist_ok=True)
     infos = [probe_video(files[i]) for i in mine]
     total = sum((inf or {}).get("frames") or 0 for inf in infos) or None
-    run = {"model": str(a.model), "mode": a.mode, "tracker": asdict(lm.tracker_cfg), "detector": lm.detector_name,
+    run = {"model": str(lm.model_name), "mode": a.mode, "tracker": asdict(lm.tracker_cfg), "detector": lm.detector_name,
            "device": str(lm.device), "n_keypoints": lm.model.cfg.n_keypoints,
            "io_threads": lm.io_threads}
     sinks = [_VideoSink(out, names[i], str(files[i]), inf, not a.no_video, a.uncertainty, run)
