@@ -24,11 +24,13 @@ def draw_landmarks(image: np.ndarray, landmarks, uncertainty=None, box=None, box
         cv2.putText(out, "no face", (6 * unit, 18 * unit), cv2.FONT_HERSHEY_SIMPLEX, 0.5 * unit, (255, 64, 64), unit)
     else:
         pts = np.asarray(landmarks, np.float64)
-        if uncertainty is not None:
+        if uncertainty is not None:     # translucent circles of radius = the spread: legible where they overlap
+            layer = out.copy()
             for (x, y), u in zip(pts, np.asarray(uncertainty, np.float64)):
                 r = int(round(u))
                 if r > unit:
-                    cv2.circle(out, (int(round(x)), int(round(y))), r, (255, 180, 0), 1, cv2.LINE_AA)
+                    cv2.circle(layer, (int(round(x)), int(round(y))), r, (255, 170, 0), 1, cv2.LINE_AA)
+            cv2.addWeighted(layer, 0.35, out, 0.65, 0, dst=out)
         for x, y in pts:
             cv2.circle(out, (int(round(x)), int(round(y))), unit, (0, 255, 0), -1, cv2.LINE_AA)
     if label:

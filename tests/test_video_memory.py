@@ -100,3 +100,19 @@ def test_track_holds_o_slots_frames(tiny, root, tmp_path):
 
     run(2)
     _check(_peaks(lambda: run(2)), _peaks(lambda: run(20)))
+
+
+def test_a_wflw_v_video_corrupt_part_way_is_dropped_from_every_method_and_named(tiny, root):
+    from ldeq_fast.video.evaluate import evaluate_video_methods, wflw_v_clips
+
+    r, _ = root
+    data = (r / "videos" / "base.mp4").read_bytes()
+    (r / "videos" / "cut.mp4").write_bytes(data[: int(len(data) * 0.8)])
+    np.save(r / "landmarks" / "cut.npy", np.load(r / "landmarks" / "000.npy"))
+    np.save(r / "bboxes" / "cut.npy", np.load(r / "bboxes" / "000.npy"))
+    (r / "split_cut.txt").write_text("000\ncut\n001\n")
+    clips, skipped = wflw_v_clips(r, r / "split_cut.txt", 128)
+    assert len(clips) == 3 and not skipped            # annotations fine; the damage shows when decoding
+    rows, _ = evaluate_video_methods(tiny, clips, [], slots=2, prox_gamma=1.0, filters=(), skipped=skipped)
+    assert [vid for vid, _ in skipped] == ["cut"] and "'cut'" in skipped[0][1]
+    assert all(len(row["per_video_nme"]) == 2 for row in rows)
