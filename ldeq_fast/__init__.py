@@ -4,7 +4,7 @@ from ldeq_fast.solvers import SolverStats, solve
 
 __version__ = "0.1.0"
 
-__all__ = ["LDEQConfig", "SolverStats", "solve", "LDEQ", "__version__"]
+__all__ = ["LDEQConfig", "SolverStats", "solve", "LDEQ", "Landmarker", "__version__"]
 
 
 def __getattr__(name):  # the model pulls in more; load it on first use
@@ -12,4 +12,8 @@ def __getattr__(name):  # the model pulls in more; load it on first use
         from ldeq_fast.model import LDEQ
 
         return LDEQ
+    if name == "Landmarker":
+        from ldeq_fast.landmarker import Landmarker
+
+        return Landmarker
     raise AttributeError(name)

@@ -90,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_video_arguments(v)
     v.set_defaults(fn=cmd_video)
 
+    from ldeq_fast.landmarker_cli import add_predict_arguments, add_track_arguments, cmd_predict, cmd_track
+
+    pr = sub.add_parser("predict", help="landmarks on photos: annotated images + one JSON/CSV")
+    add_predict_arguments(pr)
+    pr.set_defaults(fn=cmd_predict)
+    tr = sub.add_parser("track", help="landmarks on videos (RwR, many videos as batch slots): annotated mp4, "
+                        ".npz, .csv and a summary per video")
+    add_track_arguments(tr)
+    tr.set_defaults(fn=cmd_track)
+
     e = sub.add_parser("export", help="export to ONNX with a fixed number of fixed-point iterations unrolled")
     e.add_argument("--onnx", required=True, help="output .onnx file")
     e.add_argument("--checkpoint", default=None, help="published-format checkpoint (default: random weights)")

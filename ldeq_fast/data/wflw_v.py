@@ -84,13 +84,8 @@ def _load_array(path: Path, video_id: str, what: str) -> np.ndarray:
     return arr
 
 
-def load_video(root, video_id: str) -> VideoClip:
-    """Decode ``videos/{id}.mp4`` (OpenCV) with its annotations.
-
-    Returns (frames (T,H,W,3) uint8 RGB, landmarks (T,98,2) float32, bboxes (T,4) float32) where T is the
-    number of annotated frames.  Raises :class:`VideoError` when fewer frames decode; frames decoded
-    beyond the annotations are dropped with a warning.
-    """
+def load_annotations(root, video_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(landmarks (T,98,2) float32, bboxes (T,4) float32) of a video, checked; nothing is decoded."""
     root = Path(root)
     landmarks = _load_array(root / "landmarks" / f"{video_id}.npy", video_id, "landmarks")
     bboxes = _load_array(root / "bboxes" / f"{video_id}.npy", video_id, "bboxes")
@@ -106,39 +101,57 @@ def load_video(root, video_id: str) -> VideoClip:
     bboxes = bboxes[:, :4]
     if not np.isfinite(bboxes).all():
         raise VideoError(f"video {video_id!r}: bboxes contain NaN or inf")
+    return landmarks.astype(np.float32), bboxes.astype(np.float32)
 
-    path = root / "videos" / f"{video_id}.mp4"
+
+def iter_frames(root, video_id: str, n_frames: int):
+    """Decode ``videos/{id}.mp4`` (OpenCV) one frame at a time: the first ``n_frames`` frames, (H,W,3) uint8
+    RGB.  Raises :class:`VideoError` (naming the id) when the file does not open or fewer frames decode,
+    after yielding those that did; frames beyond ``n_frames`` are dropped with a warning."""
+    path = Path(root) / "videos" / f"{video_id}.mp4"
     if not path.is_file():
         raise VideoError(f"video {video_id!r}: video file not found: {path}")
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
             raise VideoError(f"video {video_id!r}: OpenCV cannot open {path} (corrupt or unsupported); "
-                             f"decoded 0 of {T} annotated frames")
-        frames = None
-        n = 0
-        extra = False
+                             f"decoded 0 of {n_frames} annotated frames")
+        n, shape = 0, None
         while True:
             ok, bgr = cap.read()
             if not ok:
                 break
-            if n == T:  # one frame past the annotations is enough to know there are more
-                extra = True
+            if n == n_frames:  # one frame past the annotations is enough to know there are more
+                warnings.warn(f"video {video_id!r}: more frames decode than the {n_frames} annotated; using the "
+                              f"first {n_frames}", stacklevel=2)
                 break
-            if frames is None:  # allocate once: full videos are large
-                frames = np.empty((T, *bgr.shape), dtype=np.uint8)
-            elif bgr.shape != frames.shape[1:]:
-                raise VideoError(f"video {video_id!r}: frame {n} is {bgr.shape}, earlier frames {frames.shape[1:]}")
-            cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=frames[n])
+            if shape is None:
+                shape = bgr.shape
+            elif bgr.shape != shape:
+                raise VideoError(f"video {video_id!r}: frame {n} is {bgr.shape}, earlier frames {shape}")
+            yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
             n += 1
     finally:
         cap.release()
-    if n < T:
-        raise VideoError(f"video {video_id!r}: decoded {n} frames from {path} but {T} are annotated")
-    if extra:
-        warnings.warn(f"video {video_id!r}: more frames decode than the {T} annotated; using the first {T}",
-                      stacklevel=2)
-    return VideoClip(frames, landmarks.astype(np.float32), bboxes.astype(np.float32))
+    if n < n_frames:
+        raise VideoError(f"video {video_id!r}: decoded {n} frames from {path} but {n_frames} are annotated")
+
+
+def load_video(root, video_id: str) -> VideoClip:
+    """Decode ``videos/{id}.mp4`` (OpenCV) with its annotations.
+
+    Returns (frames (T,H,W,3) uint8 RGB, landmarks (T,98,2) float32, bboxes (T,4) float32) where T is the
+    number of annotated frames.  Raises :class:`VideoError` when fewer frames decode; frames decoded
+    beyond the annotations are dropped with a warning.
+    """
+    landmarks, bboxes = load_annotations(root, video_id)
+    T = landmarks.shape[0]
+    frames = None
+    for n, rgb in enumerate(iter_frames(root, video_id, T)):
+        if frames is None:  # allocate once: full videos are large
+            frames = np.empty((T, *rgb.shape), dtype=np.uint8)
+        frames[n] = rgb
+    return VideoClip(frames, landmarks, bboxes)
 
 
 def crop_frames(frames: np.ndarray, bboxes, size: int = 256, extra_scale: float = 1.2

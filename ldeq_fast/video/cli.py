@@ -82,7 +82,8 @@ def cmd_video(a) -> int:
     if not clips:
         raise SystemExit("no usable videos")
     rows, preds = evaluate_video_methods(model, clips, val, slots=a.slots, warm_iters=a.warm_iters,
-                                         prox_gamma=a.gamma, progress=prog)
+                                         prox_gamma=a.gamma, progress=prog, skipped=skipped)
+    clips = [c for c in clips if c.name not in {vid for vid, _ in skipped}]
     speed = throughput_comparison(model, clips[: max(1, min(len(clips), a.slots))], a.slots, a.repeats)
     if bar is not None:
         bar.close()

@@ -7,13 +7,15 @@ separate validation set of videos for the lowest NMF whose NME is no worse than 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ldeq_fast import metrics
-from ldeq_fast.data.transforms import normalize_image
+from ldeq_fast.data.transforms import affine_from_bbox, normalize_image, warp
 from ldeq_fast.data.wflw_v import VideoError, crop_frames, keypoints_to_frame
 from ldeq_fast.video.filters import FILTERS, tune_filter
 from ldeq_fast.video.streams import run_streams
@@ -22,16 +24,26 @@ from ldeq_fast.video.tracker import RwRTracker, TrackerConfig
 
 @dataclass
 class Clip:
+    """One video as the evaluation sees it.  The crops are not held: ``crops()`` makes them on demand, one
+    frame at a time (decoded from the file for WFLW-V), so a pass over any number of videos holds O(slots)
+    frames."""
+
     name: str
-    crops: torch.Tensor          # (T, 3, S, S) normalised model inputs
     affines: np.ndarray          # (T, 2, 3) frame -> crop
     landmarks: np.ndarray        # (T, K, 2) ground truth, frame pixels
+    source: Callable[[], Iterable[np.ndarray]]   # the (S, S, 3) uint8 crops, frame by frame
     frames: np.ndarray | None = None   # kept only when a visual output needs them
+
+    def crops(self) -> Iterator[torch.Tensor]:
+        """The normalised model inputs (3, S, S), frame by frame."""
+        for crop in self.source():
+            yield normalize_image(crop)
 
 
 def make_clip(name, frames, landmarks, bboxes, size, keep_frames=False) -> Clip:
+    """A clip of frames in memory: its crops are made once and kept as uint8."""
     crops, affines = crop_frames(frames, bboxes, size=size)
-    return Clip(name, normalize_image(crops), affines, np.asarray(landmarks, np.float64),
+    return Clip(name, affines, np.asarray(landmarks, np.float64), lambda: iter(crops),
                 frames if keep_frames else None)
 
 
@@ -49,19 +61,31 @@ def synthetic_clips(n_videos, n_frames, size, seed=0, difficulty="hard", keep_fi
 
 
 def wflw_v_clips(root, split_file, size, limit=None, report=print):
-    """WFLW-V videos as clips; a corrupt or short video is reported by id and skipped."""
-    from ldeq_fast.data.wflw_v import WFLWVideoSet
+    """WFLW-V videos as streamed clips: the annotations are read (and checked) now, each video is decoded
+    and cropped frame by frame whenever a pass reads it.  A video whose annotations are unusable is reported
+    by id and skipped; one that turns out corrupt or short while decoding is dropped by
+    :func:`evaluate_video_methods` (its error names the id)."""
+    from ldeq_fast.data.wflw_v import WFLWVideoSet, iter_frames, load_annotations
 
     vs = WFLWVideoSet(root, split_file)
     clips, skipped = [], []
     for i in range(len(vs) if limit is None else min(limit, len(vs))):
         vid = vs.ids[i]
         try:
-            c = vs.load(i)
-            clips.append(make_clip(vid, c.frames, c.landmarks, c.bboxes, size))
+            landmarks, bboxes = load_annotations(root, vid)
+            affines = np.stack([affine_from_bbox(b, 1.2, size) for b in bboxes])
+            if not (Path(root) / "videos" / f"{vid}.mp4").is_file():
+                raise VideoError(f"video {vid!r}: video file not found: {Path(root) / 'videos' / f'{vid}.mp4'}")
         except (VideoError, ValueError) as exc:
             skipped.append((vid, str(exc)))
             report(f"skipping video {vid}: {exc}")
+            continue
+
+        def source(vid=vid, affines=affines):
+            for frame, A in zip(iter_frames(root, vid, len(affines)), affines):
+                yield warp(frame, A, size)
+
+        clips.append(Clip(vid, affines, landmarks.astype(np.float64), source))
     return clips, skipped
 
 
@@ -71,23 +95,42 @@ def _score(preds, clips):
     return float(np.mean(nme)), float(np.mean(nmf)), nme, nmf
 
 
+class ClipError(RuntimeError):
+    """Clips that failed while decoding; ``errors`` maps the clip index to the message (naming the video)."""
+
+    def __init__(self, errors: dict):
+        self.errors = errors
+        super().__init__("; ".join(errors.values()))
+
+
 def track(model, clips, cfg: TrackerConfig, slots=8, progress=None):
-    """Run a tracker over clips (many streams at once).  Returns (frame-pixel predictions, run dict)."""
+    """Run a tracker over clips (many streams at once, frames streamed).  Returns (frame-pixel predictions
+    (float32), run dict); raises :class:`ClipError` if a clip failed while decoding."""
     size = model.cfg.im_size
-    out = run_streams(RwRTracker(model, cfg), [list(c.crops) for c in clips], slots=slots, progress=progress,
+    out = run_streams(RwRTracker(model, cfg), [c.crops() for c in clips], slots=slots, progress=progress,
                       affines=[c.affines for c in clips])
-    preds = [keypoints_to_frame(k, c.affines, size) for k, c in zip(out["keypoints"], clips)]
+    if out["errors"]:
+        raise ClipError(out["errors"])
+    preds = [keypoints_to_frame(k, c.affines, size).astype(np.float32) for k, c in zip(out["keypoints"], clips)]
     return preds, out
 
 
 @torch.no_grad()
 def still_batches_fps(model, clips, batch=8) -> float:
-    """Frames/s of the same frames run as independent still-image batches (no tracker machinery)."""
-    frames = torch.cat([c.crops for c in clips])
+    """Frames/s of the same frames run as independent still-image batches (no tracker machinery); the
+    frames are made as they are needed, as the trackers' are."""
+    n, buf = 0, []
     t0 = time.perf_counter()
-    for i in range(0, len(frames), batch):
-        model(frames[i:i + batch])
-    return len(frames) / (time.perf_counter() - t0)
+    for c in clips:
+        for x in c.crops():
+            buf.append(x)
+            if len(buf) == batch:
+                model(torch.stack(buf))
+                n, buf = n + len(buf), []
+    if buf:
+        model(torch.stack(buf))
+        n += len(buf)
+    return n / (time.perf_counter() - t0)
 
 
 def throughput_comparison(model, clips, slots=8, repeats=3) -> dict:
@@ -128,14 +171,17 @@ def tune_tracker(model, val_clips, objective, grid, slots=8, progress=None, **fi
 
 
 def evaluate_video_methods(model, clips, val_clips, slots=8, warm_iters=1, prox_gamma=None, progress=None,
-                           filters=tuple(FILTERS)):
+                           filters=tuple(FILTERS), skipped: list | None = None):
     """The comparison table: one row per method with NME, NMF, cell evaluations per frame, frames/s.
 
     Filters and RwR prox (unless ``prox_gamma`` fixes it) are tuned on ``val_clips`` for the lowest
     flicker whose NME is no worse than per-frame inference's there; RwR warm is the published inference.
+    Clips that fail while decoding in the first pass are dropped from every method (``(name, message)``
+    appended to ``skipped``).  Returns (rows, {method: predictions of the first clip only}).
     """
     model.eval()
     rows, preds_by = [], {}
+    clips = list(clips)
 
     def add(name, preds, run=None, tuned=None):
         nme, nmf, per_nme, per_nmf = _score(preds, clips)
@@ -147,10 +193,19 @@ def evaluate_video_methods(model, clips, val_clips, slots=8, warm_iters=1, prox_
                      "frames_per_s": run["frames"] / run["seconds"] if run else None,
                      "resets": int(sum(r[1:].sum() for r in run["resets"])) if run else None,
                      "params": tuned, "per_video_nme": per_nme, "per_video_nmf": per_nmf})
-        preds_by[name] = preds
+        preds_by[name] = preds[:1]
 
     base_cfg = TrackerConfig(mode="per_frame")
-    per_frame, run = track(model, clips, base_cfg, slots, progress)
+    try:
+        per_frame, run = track(model, clips, base_cfg, slots, progress)
+    except ClipError as exc:
+        for i in sorted(exc.errors):
+            if skipped is not None:
+                skipped.append((clips[i].name, exc.errors[i]))
+        clips = [c for i, c in enumerate(clips) if i not in exc.errors]
+        if not clips:
+            raise
+        per_frame, run = track(model, clips, base_cfg, slots, progress)
     add("per_frame", per_frame, run)
     objective = None
     if val_clips:

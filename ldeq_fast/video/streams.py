@@ -3,84 +3,152 @@
 Throughput is frames/s across streams: every step runs one batched forward over the frames of all busy
 slots; when a video ends its slot takes the next waiting video (with a cold start).  Videos of different
 lengths therefore share the batch without padding or sorting.
+
+Frames are pulled lazily, one per busy slot, and only after the consumer has seen the previous step's
+events: a video's iterator may decode its next frame on demand and crop it from its last result
+(landmark-driven boxes), so a run holds O(slots) frames however many and however long the videos are.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ldeq_fast.video.tracker import RwRTracker
+from ldeq_fast.data.wflw_v import VideoError
+from ldeq_fast.video.tracker import FrameResult, RwRTracker
 
 
-def run_streams(tracker: RwRTracker, videos: Sequence[Iterable[torch.Tensor]], slots: int = 8,
-                progress: Callable[[int], None] | None = None, affines: Sequence | None = None) -> dict:
-    """Track every video; each video is an iterable of preprocessed frames (3, H, W).  ``affines``, one
-    (T_v, 2, 3) array per video (each frame's frame -> crop affine), lets the tracker align its state.
+@dataclass
+class StreamEvent:
+    """One frame of one video (``result`` is None for a frame without a face: nothing ran on it), or, with
+    ``end`` set, the end of a video (``error``: the :class:`VideoError` that cut it short, else None)."""
 
-    Returns {'keypoints': [np.ndarray (T_v, K, 2)], 'cell_evals': [np.ndarray (T_v,)],
-    'resets': [np.ndarray (T_v,)], 'frames': total, 'seconds': wall time, 'steps': batched forwards}."""
+    video: int
+    frame: int
+    result: FrameResult | None = None   # the step's batched result; this video's row is ``row``
+    row: int = -1
+    end: bool = False
+    error: VideoError | None = None
+
+
+def iter_streams(tracker: RwRTracker, videos: Sequence[Iterable], slots: int = 8,
+                 affines: Sequence | None = None) -> Iterator[StreamEvent]:
+    """Track every video, yielding a :class:`StreamEvent` per frame (in step order) and one when a video ends.
+
+    A video is an iterable of frames; a frame is a preprocessed image (3, H, W), an ``(image, affine)`` pair
+    (that frame's frame -> crop affine (2, 3), which lets the tracker align its state across crops), or
+    None: no face on this frame, so nothing runs and the stream restarts cold at its next face.
+    ``affines``, alternatively: one (T_v, 2, 3) array per video.  A video whose iterator raises
+    :class:`VideoError` (a corrupt file, part-way) ends there with the error in its end event; its earlier
+    frames stand, and the other videos go on.
+    """
     if slots < 1:
         raise ValueError("slots must be >= 1")
-    waiting = list(enumerate(videos))[::-1]
     if affines is not None and len(affines) != len(videos):
         raise ValueError(f"affines: {len(affines)} arrays for {len(videos)} videos")
-    busy: dict[int, tuple[int, object]] = {}            # slot -> (video index, iterator)
+    waiting = list(enumerate(videos))[::-1]
+    busy: dict[int, tuple[int, Iterator]] = {}        # slot -> (video index, iterator)
+    count = [0] * len(videos)                          # frames consumed per video
+    ended: list[StreamEvent] = []                      # events of frames / ends found while refilling
+
+    def advance(slot):
+        """The slot's next frame with a face (image, affine or None); ends and refills videos on the way."""
+        while True:
+            if slot not in busy:
+                if not waiting:
+                    return None
+                vid, src = waiting.pop()
+                tracker.reset(vid)
+                busy[slot] = (vid, iter(src))
+            vid, it = busy[slot]
+            try:
+                fr = next(it)
+            except StopIteration:
+                fr, err, done = None, None, True
+            except VideoError as exc:
+                fr, err, done = None, exc, True
+            else:
+                done = False
+            if done:
+                tracker.reset(vid)
+                del busy[slot]
+                ended.append(StreamEvent(vid, count[vid], end=True, error=err))
+                continue
+            if fr is None:                           # no face: the stream starts cold at its next face
+                tracker.reset(vid)
+                ended.append(StreamEvent(vid, count[vid]))
+                count[vid] += 1
+                continue
+            image, aff = fr if isinstance(fr, tuple) else (fr, None)
+            if affines is not None:
+                if count[vid] >= len(affines[vid]):
+                    raise ValueError(f"video {vid}: more frames than its {len(affines[vid])} affines")
+                aff = affines[vid][count[vid]]
+            return image, aff
+
+    pending = {}
+    for s in range(slots):
+        fr = advance(s)
+        if fr is not None:
+            pending[s] = fr
+    yield from ended
+    while pending:
+        ended.clear()
+        order = sorted(pending)
+        vids = [busy[s][0] for s in order]
+        affs = [pending[s][1] for s in order]
+        if any(a is None for a in affs) and not all(a is None for a in affs):
+            raise ValueError("either every frame comes with its affine or none does")
+        aff = None if affs[0] is None else np.stack([np.asarray(a, dtype=np.float64) for a in affs])
+        res = tracker.step(torch.stack([pending[s][0] for s in order]), vids, aff)
+        for j, v in enumerate(vids):
+            yield StreamEvent(v, count[v], res, j)
+            count[v] += 1
+        pending = {}
+        for s in order:
+            fr = advance(s)
+            if fr is not None:
+                pending[s] = fr
+        yield from ended
+
+
+def run_streams(tracker: RwRTracker, videos: Sequence[Iterable], slots: int = 8,
+                progress: Callable[[int], None] | None = None, affines: Sequence | None = None) -> dict:
+    """:func:`iter_streams` with the results collected.
+
+    Returns {'keypoints': [np.ndarray (T_v, K, 2)] (NaN on frames without a face), 'cell_evals':
+    [np.ndarray (T_v,)], 'resets': [np.ndarray (T_v,)], 'errors': {video: message} for videos cut short,
+    'frames': total, 'seconds': wall time, 'steps': batched forwards}."""
+    K = tracker.model.cfg.n_keypoints
     kpts = [[] for _ in videos]
     evals = [[] for _ in videos]
     resets = [[] for _ in videos]
+    errors = {}
     frames = steps = 0
+    last = None
     t0 = time.perf_counter()
-
-    def fill(slot):
-        while waiting:
-            vid, frames_iter = waiting.pop()
-            tracker.reset(vid)
-            it = iter(frames_iter)
-            try:
-                first = next(it)
-            except StopIteration:
-                continue
-            busy[slot] = (vid, it)
-            return first
-        busy.pop(slot, None)
-        return None
-
-    pending: dict[int, torch.Tensor] = {}
-    for s in range(slots):
-        fr = fill(s)
-        if fr is not None:
-            pending[s] = fr
-    while pending:
-        order = sorted(pending)
-        vids = [busy[s][0] for s in order]
-        aff = None
-        if affines is not None:
-            for v in vids:
-                if len(kpts[v]) >= len(affines[v]):
-                    raise ValueError(f"video {v}: more frames than its {len(affines[v])} affines")
-            aff = np.stack([np.asarray(affines[v][len(kpts[v])]) for v in vids])  # this frame of each video
-        res = tracker.step(torch.stack([pending[s] for s in order]), vids, aff)
-        steps += 1
-        frames += len(order)
-        for j, v in enumerate(vids):
-            kpts[v].append(res.keypoints[j].cpu().numpy())
-            evals[v].append(int(res.cell_evals[j]))
-            resets[v].append(bool(res.reset[j]))
+    for ev in iter_streams(tracker, videos, slots, affines):
+        if ev.end:
+            if ev.error is not None:
+                errors[ev.video] = str(ev.error)
+            continue
+        frames += 1
+        if ev.result is None:
+            kpts[ev.video].append(np.full((K, 2), np.nan, np.float32))
+            evals[ev.video].append(0)
+            resets[ev.video].append(False)
+        else:
+            if ev.result is not last:
+                steps += 1
+                last = ev.result
+            kpts[ev.video].append(ev.result.keypoints[ev.row].cpu().numpy())
+            evals[ev.video].append(int(ev.result.cell_evals[ev.row]))
+            resets[ev.video].append(bool(ev.result.reset[ev.row]))
         if progress is not None:
-            progress(len(order))
-        nxt = {}
-        for s in order:
-            try:
-                nxt[s] = next(busy[s][1])
-            except StopIteration:
-                tracker.reset(busy[s][0])
-                fr = fill(s)
-                if fr is not None:
-                    nxt[s] = fr
-        pending = nxt
+            progress(1)
     return {"keypoints": [np.stack(k) if k else np.zeros((0, 0, 2)) for k in kpts],
             "cell_evals": [np.asarray(e) for e in evals], "resets": [np.asarray(r) for r in resets],
-            "frames": frames, "seconds": time.perf_counter() - t0, "steps": steps}
+            "errors": errors, "frames": frames, "seconds": time.perf_counter() - t0, "steps": steps}
