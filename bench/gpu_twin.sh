@@ -59,7 +59,7 @@ TRITON_INTERPRET=1 "$TWIN_PY" -m pytest -q -p no:cacheprovider -m "triton" tests
 # ---- 2. the compile-only harness: every suite launch compiled for sm_90 through triton's real launcher
 echo "=== 2. compile-only harness (sm_90)"
 rm -rf "$TWIN_OUT/sm90"
-LDEQ_SM90_REPORT_DIR="$TWIN_OUT/sm90" "$TWIN_PY" -m pytest -q -p no:cacheprovider -n "${TWIN_JOBS:-2}" \
+LDEQ_SM90_ALL=1 LDEQ_SM90_REPORT_DIR="$TWIN_OUT/sm90" "$TWIN_PY" -m pytest -q -p no:cacheprovider -n "${TWIN_JOBS:-2}" \
   tests/test_triton_sm90.py --junitxml "$TWIN_OUT/sm90.xml" 2>&1 | tail -n 25
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 
