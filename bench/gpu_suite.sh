@@ -144,8 +144,9 @@ step_gpu_tests() {
   # interrupted (SIGINT) before the step's budget ends, pytest still writes the junit XML of what ran
   local paths=tests/ limit=$((BUDGET > 30 ? BUDGET - 12 : (BUDGET * 3 + 3) / 4))
   if [ "$SMOKE" = 1 ]; then paths=tests/test_kernels_triton.py; fi
-  timeout -s INT -k 5 "$limit" $PY -m pytest -m "gpu or triton" -q -p no:cacheprovider $(xdist 8) $paths \
-    --junitxml "$WORK/gpu_tests.xml"
+  # tests fill torch.empty with NaN through deterministic mode, in which cuBLAS needs a fixed workspace
+  CUBLAS_WORKSPACE_CONFIG=:4096:8 timeout -s INT -k 5 "$limit" $PY -m pytest -m "gpu or triton" -q -p no:cacheprovider \
+    $(xdist 8) $paths --junitxml "$WORK/gpu_tests.xml"
   local rc=$?
   $PY bench/suite_report.py junit "$WORK/gpu_tests.xml" "$WORK/gpu_tests.json" "$rc"
   return $rc
