@@ -207,8 +207,7 @@ def main(argv=None) -> int:
           f"inner={args.inner} "
           f"load={info.get('load_average_1_5_15')}")
     write_json(args.json, {"machine": info, "backend": backend, "repeats": repeats, "inner": args.inner,
-                           "quick": args.quick,
-                           "results": results})
+                           "quick": args.quick, "rows": rows, "results": results})
     if bad:
         print(f"fused and eager results disagree (> {AGREEMENT} relative): {bad}", file=sys.stderr)
         return 2

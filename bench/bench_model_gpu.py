@@ -1,21 +1,30 @@
-"""The GPU comparison of the whole model: published-semantics eager PyTorch, torch.compile of the reference
-path, and our fast path in fp32 and bf16, at a throughput batch; and streaming batch 1 with the CUDA-graph
-forward (``GraphedForward``) against the same fixed-iteration forward run eagerly.
+"""The GPU comparison of the whole model, in two phases that the GPU suite runs as separate steps.
 
-    python bench/bench_model_gpu.py --json bench/results/model_gpu.json            # on the GPU machine
-    python bench/bench_model_gpu.py --device cpu --small --no-compile --batch 2    # smoke run anywhere
+``--phase eager`` (GPU suite command 1, the key figures): published-semantics eager PyTorch (fp32 and under
+bf16 autocast), the per-sample reference, and our fast path in fp32 and bf16 at a throughput batch, side by
+side; then streaming batch 1 (``--stream-iters`` warm-started iterations + the extra step per frame) with the
+CUDA-graph forward (``GraphedForward``) against the same fixed-iteration forward run eagerly, both without
+the per-frame host-side input check (its NaN test is a host sync per frame).
 
-Two phases, each timed side by side: the eager paths (published semantics, reference, fast fp32, fast bf16) and
-streaming, written to the JSON first; then ``torch.compile(reference, mode="max-autotune")`` (its first call,
-the build and autotuning, is timed apart) against published eager and the fast path, added to the JSON as
-``compiled`` — so a time limit during a long compile still leaves the eager figures.  Methods are interleaved
-over repeats (medians).  Keypoint differences are in heatmap pixels against the
-fast path in fp32 on the same images (bf16 target: <= 0.05 px on a trained model; on random weights the
-heatmaps are flat and the difference is larger).  TF32 stays at PyTorch's defaults.
+``--phase compile`` (command 2): ``torch.compile`` of the reference -- ``--compile-target cell`` (the
+hourglass cell alone: the solver loop and stem stay eager, as they would for a user; the cell is ~all the
+FLOPs) or ``model`` -- in ``--compile-mode`` (default max-autotune-no-cudagraphs), against published eager and
+the fast path, side by side.  The compile (first call) is timed apart and bounded by ``--compile-cap``
+seconds: past it the compile is abandoned and recorded as such, so a slow autotune cannot eat the lease.
+The eager rows are written to the JSON before the compile starts.
+
+    python bench/bench_model_gpu.py --phase eager --json bench/results/model_gpu.json      # on the GPU machine
+    python bench/bench_model_gpu.py --phase compile --json bench/results/model_compiled.json
+    python bench/bench_model_gpu.py --device cpu --small --batch 2 --stream-frames 4      # smoke run anywhere
+
+Methods are interleaved over repeats (medians).  Keypoint differences are in heatmap pixels against the fast
+path in fp32 on the same images (bf16 target: <= 0.05 px on a trained model; on random weights the heatmaps
+are flat and the difference is larger).  TF32 stays at PyTorch's defaults (recorded).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import sys
 import time
@@ -24,19 +33,46 @@ import torch
 from common import interleaved, machine_info, time_once, write_json
 
 
+class CompileCapExceeded(BaseException):
+    """Raised by the timer in the middle of a compile (a BaseException: torch's ``except Exception`` handlers
+    must not turn it into a fallback)."""
+
+
+def with_cap(fn, seconds: float):
+    """fn() or CompileCapExceeded after ``seconds`` (0: no cap)."""
+    if not seconds:
+        return fn()
+
+    def on_alarm(signum, frame):
+        raise CompileCapExceeded(f"compile exceeded its cap of {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def main(argv=None) -> int:
     from ldeq_fast import LDEQ, LDEQConfig
-    from ldeq_fast.streaming import GraphedForward
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--phase", choices=("eager", "compile"), default="eager")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-iters", type=int, default=10)
     p.add_argument("--stream-iters", type=int, default=1, help="RwR solver iterations per streamed frame")
     p.add_argument("--stream-frames", type=int, default=200)
+    p.add_argument("--compile-target", choices=("cell", "model"), default="cell")
+    p.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager': dynamo only, "
+                   "for smoke runs)")
+    p.add_argument("--compile-dtypes", default="fp32", help="comma list of fp32,bf16 for the compiled reference")
+    p.add_argument("--compile-cap", type=float, default=180.0, help="seconds for the first compiled call (0: none)")
     p.add_argument("--small", action="store_true")
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
@@ -44,26 +80,27 @@ def main(argv=None) -> int:
     base = (LDEQConfig.small() if a.small else LDEQConfig()).replace(max_iters=a.max_iters)
     images = torch.randn(a.batch, 3, base.im_size, base.im_size, device=device)
     models = {
-        "published_eager": LDEQ(base.replace(backend="torch", solver_semantics="published")),
-        "reference_eager": LDEQ(base.replace(backend="torch")),
-        "fast_fp32": LDEQ(base.replace(backend="auto")),
+        "published": LDEQ(base.replace(backend="torch", solver_semantics="published")),
+        "reference": LDEQ(base.replace(backend="torch")),
+        "fast": LDEQ(base.replace(backend="auto")),
     }
-    state = models["fast_fp32"].state_dict()
+    state = models["fast"].state_dict()
     for m in models.values():
         m.load_state_dict(state)
         m.to(device).eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
-    def fast_bf16():
-        with autocast:
-            return models["fast_fp32"](images)
+    def run(model, bf16=False):
+        if not bf16:
+            return lambda: model(images)
 
-    runs = {
-        "published_eager": lambda: models["published_eager"](images),
-        "reference_eager": lambda: models["reference_eager"](images),
-        "fast_fp32": lambda: models["fast_fp32"](images),
-        "fast_bf16": fast_bf16,
-    }
+        def call():
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                return model(images)
+        return call
+
+    runs = {"published_eager": run(models["published"]), "published_eager_bf16": run(models["published"], True),
+            "reference_eager": run(models["reference"]), "fast_fp32": run(models["fast"]),
+            "fast_bf16": run(models["fast"], True)}
     hm = base.heatmap_size
     ref_kpts = {}
 
@@ -83,59 +120,94 @@ def main(argv=None) -> int:
                          "times_s": times[name]})
         return rows
 
-    def ratios(rows: list[dict], base_path: str, key: str) -> None:
-        base_rate = next(r for r in rows if r["path"] == base_path)["images_per_s"]
-        for r in rows:
-            r[key] = r["images_per_s"] / base_rate
+    res = {"phase": a.phase, "machine": machine_info(device), "device": str(device), "config": base.to_dict(),
+           "repeats": a.repeats, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+           "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    if a.phase == "eager":
+        res["rows"] = rows = measure(list(runs))
+        ratios(rows, "published_eager", "speedup_vs_published_eager")
+        _print_rows(rows, "vs published", "speedup_vs_published_eager")
+        write_json(a.json, res)                       # the throughput figures first
+        res["streaming_batch1"] = streaming(models["fast"], base, device, a)
+        write_json(a.json, res)
+        return 0
 
-    # phase 1, eager paths side by side; written out before torch.compile (whose max-autotune build can take
-    # minutes) so that a time limit during the compile still leaves these figures
-    rows = measure(list(runs))
-    ratios(rows, "published_eager", "speedup_vs_published_eager")
+    # compile phase: the compiled reference against published eager and the fast path, side by side
+    names = ["published_eager", "fast_fp32", "fast_bf16"]
+    res["compiled"] = {"target": a.compile_target, "mode": a.compile_mode, "backend": a.compile_backend,
+                       "cap_s": a.compile_cap, "status": "pending"}
+    write_json(a.json, res)
+    target = models["reference"]
+    if a.compile_target == "cell":
+        target.deq_layer.cell = torch.compile(target.deq_layer.cell, mode=a.compile_mode, backend=a.compile_backend)
+        compiled = target
+    else:
+        compiled = torch.compile(target, mode=a.compile_mode, backend=a.compile_backend)
+    compile_s, status = {}, "ok"
+    for dt in a.compile_dtypes.split(","):
+        name = f"reference_compiled_{dt}"
+        runs[name] = run(compiled, bf16=dt == "bf16")
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():
+                with_cap(runs[name], a.compile_cap)
+        except CompileCapExceeded as exc:   # the paths compiled so far are still measured
+            status = f"{dt}: {exc}"
+            print(f"torch.compile({a.compile_target}, {a.compile_mode}) {status}")
+            break
+        compile_s[dt] = time.perf_counter() - t0
+        names.append(name)
+        print(f"torch.compile({a.compile_target}, {a.compile_mode}) {dt}: first call {compile_s[dt]:.1f} s")
+    res["compiled"].update(status=status, compile_s=compile_s)
+    compiled_names = [n for n in names if n.startswith("reference_compiled_")]
+    if compiled_names:
+        rows = measure(names)
+        ratios(rows, "published_eager", "speedup_vs_published_eager")
+        ratios(rows, compiled_names[0], "speedup_vs_compiled_reference")
+        res["compiled"].update(rows=rows, dynamo=_dynamo_counts())
+        _print_rows(rows, f"vs {compiled_names[0][len('reference_'):]}", "speedup_vs_compiled_reference")
+    write_json(a.json, res)
+    return 0 if status == "ok" else 1
 
-    # streaming: batch 1, `stream_iters` warm-started iterations + the extra step per frame
-    stream = {}
-    fast = models["fast_fp32"]
+
+def streaming(fast, base, device, a) -> dict:
+    """ms per frame at batch 1: the fixed-iteration forward replayed as a CUDA graph (GPU) and run eagerly."""
+    from ldeq_fast.streaming import GraphedForward
+
     frames = torch.randn(8, 1, 3, base.im_size, base.im_size, device=device)
     variants = {"eager": GraphedForward(fast, batch=1, iters=a.stream_iters, use_graph=False)}
     if device.type == "cuda":
         variants["cuda_graph"] = GraphedForward(fast, batch=1, iters=a.stream_iters)
+    out = {}
     for name, gf in variants.items():
         z = [None]
 
         def play(gf=gf, z=z):
             for t in range(a.stream_frames):
-                z[0] = gf(frames[t % len(frames)], z[0]).z_star
+                z[0] = gf(frames[t % len(frames)], z[0], check=False).z_star
 
+        play()  # warm-up
         per = [time_once(play, device) / a.stream_frames for _ in range(3)]
-        stream[name] = {"ms_per_frame": 1e3 * statistics.median(per), "cell_evals_per_frame": a.stream_iters + 1}
+        out[name] = {"ms_per_frame": 1e3 * statistics.median(per), "cell_evals_per_frame": a.stream_iters + 1,
+                     "frames": a.stream_frames, "input_check": "off (no per-frame host sync)"}
+        print(f"streaming batch 1, {a.stream_iters + 1} cell evaluations/frame, {name}: "
+              f"{out[name]['ms_per_frame']:.3f} ms/frame")
+    return out
 
-    res = {"machine": machine_info(device), "device": str(device), "config": base.to_dict(), "repeats": a.repeats,
-           "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-           "rows": rows, "streaming_batch1": stream, "compiled": "not run" if a.no_compile else "pending"}
-    _print_rows(rows, "vs published", "speedup_vs_published_eager")
-    for name, st in stream.items():
-        print(f"streaming batch 1, {st['cell_evals_per_frame']} cell evaluations/frame, {name}: "
-              f"{st['ms_per_frame']:.3f} ms/frame")
-    write_json(a.json, res)
 
-    # phase 2, torch.compile(reference, max-autotune) against the eager published path and the fast path, timed
-    # side by side again in this phase
-    if not a.no_compile:
-        compiled = torch.compile(models["reference_eager"], mode="max-autotune")
-        runs["reference_compiled_max_autotune"] = lambda: compiled(images)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            runs["reference_compiled_max_autotune"]()
-        compile_s = time.perf_counter() - t0
-        crows = measure(["published_eager", "reference_compiled_max_autotune", "fast_fp32", "fast_bf16"])
-        ratios(crows, "published_eager", "speedup_vs_published_eager")
-        ratios(crows, "reference_compiled_max_autotune", "speedup_vs_compiled_reference")
-        res["compiled"] = {"compile_s": compile_s, "rows": crows}
-        print(f"torch.compile(reference, max-autotune): first call {compile_s:.0f} s")
-        _print_rows(crows, "vs compiled", "speedup_vs_compiled_reference")
-    write_json(a.json, res)
-    return 0
+def ratios(rows: list[dict], base_path: str, key: str) -> None:
+    base_rate = next(r for r in rows if r["path"] == base_path)["images_per_s"]
+    for r in rows:
+        r[key] = r["images_per_s"] / base_rate
+
+
+def _dynamo_counts() -> dict:
+    """Graphs compiled and graph breaks (dynamo's counters), to say what the compiled reference was."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return {}
+    return {"stats": dict(counters["stats"]), "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def _print_rows(rows: list[dict], label: str, key: str) -> None:

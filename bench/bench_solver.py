@@ -9,8 +9,9 @@ Measured, methods interleaved, medians of --repeats:
 * per-iteration time of a fixed number of iterations (tol = 0), and overhead = per-iteration - f;
 * time and f-evaluations to tolerance;
 * f-evaluations to tolerance (1e-4, 1e-5, 1e-6) with lam_mode 'absolute' vs 'scaled' on a coupled map;
-* on CUDA also: device-to-device copy bandwidth, the update/mix kernels in GB/s and as a fraction of
-  it, and a fixed-iteration solve captured in a CUDA graph (replay time vs eager).
+* the update/mix kernels in GB/s and as a fraction of a copy's bandwidth (on CUDA timed over many calls
+  replayed from a CUDA graph with CUDA events; on CPU by the wall clock);
+* on CUDA also a fixed-iteration solve captured in a CUDA graph (replay time vs eager).
 Before timing, the fixed points of the fused path, the reference and torchdeq are compared; the
 script exits non-zero if they differ by more than 1e-5 (relative).
 """
@@ -101,27 +102,47 @@ def agreement(methods, f, z0, max_iter=60, tol=1e-6) -> dict:
     return rel
 
 
+def per_call_seconds(methods: dict, device, repeats: int) -> tuple[dict, str]:
+    """Median seconds per call of each method.  CUDA: each method captured in a CUDA graph and replayed over
+    many calls, timed with CUDA events (triton.testing.do_bench_cudagraph) -- device time without launch gaps
+    (a 25 us kernel cannot be timed as one call between two host syncs); methods interleaved over
+    ``repeats`` rounds.  CPU: the wall clock of synchronised calls, interleaved."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench_cudagraph
+
+        times = {name: [] for name in methods}
+        for _ in range(repeats):
+            for name, fn in methods.items():
+                times[name].append(do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e-3)
+        return times, "CUDA graph replays timed with CUDA events (triton.testing.do_bench_cudagraph), median"
+    return interleaved(methods, repeats=repeats, warmup=2, device=device), "wall clock per synchronised call"
+
+
 def kernel_bandwidth(B, D, m, device, dtype, repeats) -> dict:
-    """The update and mix passes alone, in GB/s, next to a device-to-device copy."""
+    """The update and mix passes alone, in GB/s, next to a device-to-device copy (on CUDA one of 1 GiB, well
+    past the L2 cache, as the ceiling)."""
     backend = A.resolve_backend(torch.empty(0, device=device))
-    ops = A.ops_for(backend)
+    ops = A.ops_for(backend, torch.device(device).type)
     es = torch.empty(0, dtype=dtype).element_size()
     F = torch.randn(B, m, D, device=device, dtype=dtype)
     G = torch.randn(B, m, D, device=device, dtype=dtype)
     gram = torch.zeros(B, m, m, device=device, dtype=A.acc_dtype(dtype))
     fx, x = torch.randn(B, D, device=device, dtype=dtype), torch.randn(B, D, device=device, dtype=dtype)
-    best, dst = x.clone(), torch.empty_like(x)
+    best = x.clone()
+    copy_numel = max(B * D, 2**30 // es) if torch.device(device).type == "cuda" else B * D
+    src = torch.randn(copy_numel, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
     flags = torch.zeros(4, B, dtype=torch.bool, device=device)
     flags[0] = True
     alpha = torch.full((B, m), 1.0 / m, device=device, dtype=A.acc_dtype(dtype))
-    times = interleaved({
-        "copy": lambda: dst.copy_(x),
+    times, timer = per_call_seconds({
+        "copy": lambda: dst.copy_(src),
         "update": lambda: ops.update(fx, x, F, G, gram, flags[0], m - 1, m),
         "mix": lambda: ops.mix(F, G, alpha, flags, x, best, m - 1, m, 1.0, True),
-    }, repeats=repeats, warmup=2, device=device)
+    }, device, repeats)
     state = B * D * es
-    moved = {"copy": 2 * state, "update": (m + 3) * state, "mix": (m + 1) * state}  # reads + writes
-    out = {"backend": backend}
+    moved = {"copy": 2 * copy_numel * es, "update": (m + 3) * state, "mix": (m + 1) * state}  # reads + writes
+    out = {"backend": backend, "timer": timer, "copy_bytes": copy_numel * es}
     for name, t in times.items():
         med = summary(t)["median"]
         out[name] = {"ms": med * 1e3, "GB_per_s": moved[name] / med / 1e9}
@@ -238,7 +259,7 @@ def main(argv=None):
     results["lam_mode_iterations"] = lam_runs
 
     # 5. the two bandwidth-bound passes alone; on CUDA also graph capture
-    results["kernels"] = kernel_bandwidth(B, D, m, device, dtype, args.repeats * 2)
+    results["kernels"] = kernel_bandwidth(B, D, m, device, dtype, args.repeats if device.type == "cuda" else 2 * args.repeats)
     if device.type == "cuda":
         results["cuda_graph"] = cuda_graph_replay(f, z0, fused_backend, args.iters, m, args.repeats)
 

@@ -1,15 +1,18 @@
 """Training-step benchmark: peak memory and time per sample, our fast path vs the published training
 semantics (eager published Anderson forward + hook-based IFT backward with the same solver on VJPs).
 
-Each measurement runs in a fresh subprocess: a warm-up step, a timed step, then a step whose peak memory
-is taken (torch.cuda.max_memory_allocated on CUDA, peak live tensor bytes on CPU).  Paths are interleaved
-over repeats; medians reported.
+Each measurement is a warm-up step, a timed step, then a step whose peak memory is taken
+(torch.cuda.max_memory_allocated above the step's start on CUDA, peak live tensor bytes on CPU).  On CPU each
+measurement runs in a fresh subprocess (the C library's retained heap would mix between runs); on CUDA in
+this process (the allocator's peak is reset per step, and a process start costs seconds of GPU lease).
+Paths are interleaved over repeats; medians reported.
 
     python bench/bench_train.py --batch 2,4 --repeats 3 --json bench/results/train_cpu.json
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -109,6 +112,8 @@ def main(argv=None) -> int:
     p.add_argument("--small", action="store_true", help="narrow 128x128 model (smoke runs)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--budget-gb", type=float, default=16.0, help="memory budget for the largest-batch column")
+    p.add_argument("--isolation", choices=("auto", "process", "none"), default="auto",
+                   help="a subprocess per measurement (auto: on CPU only)")
     p.add_argument("--json", default=None)
     p.add_argument("--child", nargs=2, metavar=("PATH", "BATCH"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -118,16 +123,23 @@ def main(argv=None) -> int:
     from ldeq_fast.machine import machine_info
 
     batches = [int(b) for b in a.batch.split(",")]
+    isolate = a.isolation == "process" or (a.isolation == "auto" and not a.device.startswith("cuda"))
     runs: dict = {}
     for rep in range(a.repeats):
         for b in batches:
             for path in PATHS:           # interleaved
-                cmd = [sys.executable, __file__, "--child", path, str(b), "--device", a.device,
-                       "--max-iters", str(a.max_iters)] + (["--small"] if a.small else [])
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise RuntimeError(f"{path} batch {b} failed:\n{out.stderr[-3000:]}")
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                if isolate:
+                    cmd = [sys.executable, __file__, "--child", path, str(b), "--device", a.device,
+                           "--max-iters", str(a.max_iters)] + (["--small"] if a.small else [])
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise RuntimeError(f"{path} batch {b} failed:\n{out.stderr[-3000:]}")
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                else:
+                    r = child(path, b, a.small, a.device, a.max_iters)
+                    gc.collect()
+                    if a.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
                 slot = runs.setdefault((path, b), {"seconds": [], "peak_mb": [], "fwd_iters": r["fwd_iters"]})
                 slot["seconds"].append(r["seconds"])
                 slot["peak_mb"].append(r["peak_mb"])
@@ -145,7 +157,8 @@ def main(argv=None) -> int:
     budget_mb = a.budget_gb * 1024
     fits = {path: _memory_fit(rows, path, budget_mb) for path in PATHS}
     res = {"machine": machine_info(), "device": a.device, "small": a.small, "max_iters": a.max_iters,
-           "repeats": a.repeats, "peak_memory": "torch.cuda.max_memory_allocated above the step's start"
+           "repeats": a.repeats, "isolation": "subprocess per measurement" if isolate else "in process",
+           "peak_memory": "torch.cuda.max_memory_allocated above the step's start"
            if a.device.startswith("cuda") else "peak live tensor bytes of the step (ldeq_fast.memory)",
            "budget_gb": a.budget_gb, "memory_fit": fits, "rows": rows}
     print(f"{'path':>10} {'batch':>5} {'s/sample':>9} {'MB/sample':>10} {'time ratio':>10} {'mem ratio':>9}")

@@ -3,7 +3,8 @@
 The torch profiler attributes self time to each op; the convolutions' time is set against the total, for the
 fast path and the reference path (and on CUDA the fast path under bf16 autocast), with the same weights and
 images: on CPU the self time of the convolution ops, on CUDA the device time of the kernels under
-aten::convolution against all kernels' device time.  The fast path's goal is a forward that is convolutions
+aten::convolution against the summed device time of all kernel rows (the operator and runtime rows would count
+the same kernels twice more).  The fast path's goal is a forward that is convolutions
 and next to nothing else.
 
     python bench/profile_fast_path.py --batch 8 --json bench/results/profile_cpu_b8.json
@@ -17,6 +18,7 @@ from collections import defaultdict
 
 import torch
 from common import machine_info, write_json
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -25,10 +27,11 @@ def is_conv(name: str) -> bool:
 
 
 def profile_forward(model, images, device, autocast_dtype=None) -> dict:
-    """Self time per op of one forward.  CPU: an op's self time is its work, and the convolution ops
-    (aten::mkldnn_convolution, mkldnn::_convolution_pointwise, ...) are found by name.  CUDA: the kernels
-    carry the device time and cuDNN's kernel names need not say "conv", so a convolution's share is the
-    inclusive device time of the aten::convolution ops (every F.conv2d passes through one)."""
+    """Time per op of one forward.  CPU: each op's self time is its work, and the convolution ops
+    (aten::mkldnn_convolution, mkldnn::_convolution_pointwise, ...) are found by name.  CUDA: the device
+    kernels alone carry the time -- the operator rows (aten::*) and the runtime rows (cudaLaunchKernel, ...)
+    report the same kernels' time again, so the total is the sum over kernel events only; a kernel is a
+    convolution's when an aten::convolution op launched it (cuDNN's kernel names need not say "conv")."""
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -39,16 +42,22 @@ def profile_forward(model, images, device, autocast_dtype=None) -> dict:
             if cuda:
                 torch.cuda.synchronize()
     by_op: dict[str, float] = defaultdict(float)
-    conv = 0.0
-    for e in prof.key_averages():
-        by_op[e.key] += e.self_device_time_total if cuda else e.self_cpu_time_total
-        if cuda and e.key == "aten::convolution":
-            conv += e.device_time_total
-    total = sum(by_op.values())
-    if not cuda:
+    if cuda:
+        events = prof.events()
+        for e in events:
+            if e.device_type != DeviceType.CPU:          # a kernel, memcpy or memset on the device
+                by_op[e.name] += e.device_time_total
+        # inclusive device time of each aten::convolution = the kernels it (and its callees) launched
+        conv = sum(e.device_time_total for e in events
+                   if e.device_type == DeviceType.CPU and e.name == "aten::convolution")
+    else:
+        for e in prof.key_averages():
+            by_op[e.key] += e.self_cpu_time_total
         conv = sum(t for k, t in by_op.items() if is_conv(k))
+    total = sum(by_op.values())
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
     return {"total_ms": total / 1e3, "conv_ms": conv / 1e3, "conv_share": conv / total if total else None,
+            "time_rows": "device kernels only" if cuda else "operator self CPU time",
             "iterations": float(out.stats.nstep.float().mean()),
             "top_ops_ms": [(k, t / 1e3) for k, t in top]}
 

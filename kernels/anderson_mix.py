@@ -21,7 +21,7 @@ def pick_block(D: int) -> int:
     return max(16, min(4096, triton.next_power_of_2(D)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "m", "slot", "n"])
 def _mix_kernel(F_ptr, G_ptr, alpha_ptr, flags_ptr, x_ptr, best_ptr, B, D, m, slot, n, one_minus_beta,
                 MIX: tl.constexpr, USE_G: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     b = tl.program_id(0)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "m", "k", "n", "slot"])
 def _step_kernel(gram_ptr, norms_ptr, flags_ptr, stat_ptr, nstep_ptr, trace_ptr, alpha_ptr,
                  B, m, k, n, slot, tol_hi, tol_lo, lam_hi, lam_lo, div_hi, div_lo,
                  STOP_REL: tl.constexpr, LAM_SCALED: tl.constexpr, MP: tl.constexpr, IS_FP64: tl.constexpr):

@@ -15,7 +15,7 @@ import triton.language as tl
 from ldeq_fast.kernels.anderson_mix import pick_block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m", "slot", "n", "nblk"])
 def _update_blocks_kernel(fx_ptr, x_ptr, F_ptr, G_ptr, active_ptr, part_ptr, D, m, slot, n, nblk,
                           BLOCK: tl.constexpr):
     b = tl.program_id(0)
@@ -41,7 +41,7 @@ def _update_blocks_kernel(fx_ptr, x_ptr, F_ptr, G_ptr, active_ptr, part_ptr, D, 
                 tl.store(out + j, tl.sum(ga * gj, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m", "slot", "n", "nblk"])
 def _update_reduce_kernel(part_ptr, active_ptr, gram_ptr, norms_ptr, m, slot, n, nblk,
                           QP: tl.constexpr, RB: tl.constexpr):
     b = tl.program_id(0)

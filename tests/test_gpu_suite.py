@@ -1,57 +1,133 @@
-"""bench/gpu_suite.sh end to end on the CPU (LDEQ_SUITE_SMOKE=1: toy sizes, no build step).
+"""bench/gpu_suite.sh on the CPU (LDEQ_SUITE_SMOKE=1: toy sizes): both commands' step lists, their bundles, the
+summary, the budgets, and a step stopped part way.
 
-GPU time is scarce and the suite runs there in one go, so every step's script, its JSON and the summary
-that reads the JSON are exercised here first; only the CUDA-specific branches are left for the GPU.
+GPU time is scarce (15 minutes, two commands of <= 7 minutes) and the suite runs there in one go, so every
+step's script, its JSON and the summary that reads it are exercised here first; only the CUDA branches are
+left for the GPU.
 """
 import json
 import os
 import pathlib
+import re
 import subprocess
+import tarfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+SUITE = ROOT / "bench" / "gpu_suite.sh"
+LIMIT_S = 420                     # one command on the GPU machine: <= 7 minutes
+FILES_BACK = 8                    # the GPU machine returns at most 8 files from $OUT
 
 
-def _run_suite(out_dir, timeout: int, **env) -> subprocess.CompletedProcess:
-    """bench/gpu_suite.sh in smoke mode on the CPU, results under ``out_dir``; ``env`` adds variables."""
-    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(out_dir), CUDA_VISIBLE_DEVICES="", **env)
-    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh")], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def _run_suite(out_dir, *args, timeout: int = 1500, **env) -> subprocess.CompletedProcess:
+    env = dict(os.environ, LDEQ_SUITE_SMOKE="1", OUT=str(out_dir), CUDA_VISIBLE_DEVICES="",
+               LDEQ_FAST_TEST_THREADS="1", **env)
+    return subprocess.run(["bash", str(SUITE), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _step(out_dir, name: str) -> dict:
-    return json.loads((out_dir / f"step_{name}.json").read_text())
+def _bundle(out_dir, command: int) -> dict:
+    return json.loads((out_dir / f"suite{command}.json").read_text())
 
 
-def test_gpu_suite_smoke_run_on_cpu(tmp_path):
-    proc = _run_suite(tmp_path, 900)
+def _plan() -> dict:
+    out = subprocess.run(["bash", str(SUITE), "--plan"], capture_output=True, text=True, check=True).stdout
+    plan, cmd = {}, None
+    for line in out.splitlines():
+        if m := re.match(r"command (\d): (\d+) s of budgets", line):
+            cmd = int(m.group(1))
+            plan[cmd] = {"total": int(m.group(2)), "steps": {}}
+        elif m := re.match(r"\s+(\w+)\s+(\d+) s\s+\S", line):
+            plan[cmd]["steps"][m.group(1)] = int(m.group(2))
+    return plan
+
+
+def _check_outputs_fit(out_dir) -> None:
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert len(files) <= FILES_BACK, f"{len(files)} files in OUT: the GPU machine returns {FILES_BACK}"
+
+
+def test_plan_lists_both_commands_within_the_limit():
+    plan = _plan()
+    assert set(plan) == {1, 2}
+    text = SUITE.read_text()
+    for cmd, p in plan.items():
+        assert sum(p["steps"].values()) == p["total"] <= LIMIT_S - 15, p  # room for the bundling between steps
+        for name in p["steps"]:
+            assert f"step_{name}()" in text, f"command {cmd} lists {name} but the script has no step_{name}"
+    assert list(plan[1]["steps"])[-1] == "gpu_tests", "the GPU tests run last in command 1"
+    assert "compile_cell" in plan[2]["steps"] and "torchdeq_adapter" in plan[2]["steps"]
+
+
+def _check_command(out_dir, cmd: int, proc) -> dict:
     out = proc.stdout + proc.stderr
-    steps = sorted(p.name[len("step_"):-len(".json")] for p in tmp_path.glob("step_*.json"))
-    assert steps == sorted(["gpu_tests", "solver_bench", "model_bench", "model_gpu", "cellops", "profile",
-                            "train_bench", "torchdeq_adapter"]), out[-4000:]
-    failed = {s: _step(tmp_path, s)["log_tail"][-1500:] for s in steps if not _step(tmp_path, s)["ok"]}
+    bundle = _bundle(out_dir, cmd)
+    assert list(bundle["steps"]) == list(_plan()[cmd]["steps"]), out[-3000:]
+    failed = {s: st["log_tail"][-1500:] for s, st in bundle["steps"].items() if not st["ok"]}
     assert not failed, failed
-    assert proc.returncode == 0, out[-4000:]
-    # the summary read every result file
-    for line in ("gpu tests: {", "solver on", "model fast_bf16", "streaming batch 1 (eager)", "train batch 2:",
-                 "1.00x compiled", "bf16 vs fp32 keypoints", "fast: convolutions"):
+    assert proc.returncode == 0, out[-3000:]
+    with tarfile.open(out_dir / f"suite{cmd}_logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert all(any(n.endswith(f"{s}.log") for n in names) for s in bundle["steps"]), names
+    _check_outputs_fit(out_dir)
+    return bundle
+
+
+def test_command_1_smoke_run_on_cpu(tmp_path):
+    proc = _run_suite(tmp_path, "1")
+    bundle = _check_command(tmp_path, 1, proc)
+    steps = bundle["steps"]
+    assert steps["env"]["result"]["cuda_extension"].startswith("none")
+    assert steps["env"]["result"]["kernels"].startswith(str(ROOT / "kernels"))
+    gpu = steps["model_gpu"]["result"]
+    assert {r["path"] for r in gpu["rows"]} >= {"published_eager", "published_eager_bf16", "fast_fp32", "fast_bf16"}
+    assert gpu["streaming_batch1"]["eager"]["input_check"].startswith("off")
+    assert steps["kernels"]["result"]["passed"] >= 2
+    assert steps["gpu_tests"]["result"]["tests"] > 0
+    assert steps["profile"]["result"]["paths"]["fast"]["time_rows"] == "operator self CPU time"
+    for line in ("model fast_bf16", "streaming batch 1 (eager)", "bf16 vs fp32 keypoints", "solver kernels (wall clock",
+                 "train batch 2:", "profile fast: convolutions", "gpu tests:", "env: no GPU"):
         assert line in proc.stdout, proc.stdout[-4000:]
-    gpu = json.loads((tmp_path / "model_gpu.json").read_text())
-    assert {r["path"] for r in gpu["rows"]} >= {"published_eager", "fast_fp32", "fast_bf16"}
-    assert {r["path"] for r in gpu["compiled"]["rows"]} >= {"reference_compiled_max_autotune", "fast_bf16"}
 
 
-def test_gpu_suite_exit_status_counts_failed_steps(tmp_path):
-    # a step that does not exist fails like any other (exit 127): recorded, summarised, exit status 1
-    proc = _run_suite(tmp_path, 120, LDEQ_GPU_STEPS="no_such_step")
+def test_command_2_smoke_run_on_cpu(tmp_path):
+    proc = _run_suite(tmp_path, "2")
+    bundle = _check_command(tmp_path, 2, proc)
+    steps = bundle["steps"]
+    for name, target in (("compile_cell", "cell"), ("compile_model", "model")):
+        c = steps[name]["result"]["compiled"]
+        assert c["status"] == "ok" and c["target"] == target and c["compile_s"]["fp32"] > 0, c
+        assert {r["path"] for r in c["rows"]} >= {"published_eager", "reference_compiled_fp32", "fast_bf16"}
+    assert steps["torchdeq_adapter"]["ok"]
+    assert "1.00x compiled reference" in proc.stdout, proc.stdout[-4000:]
+
+
+def test_a_step_stopped_part_way_leaves_the_others(tmp_path):
+    # train is stopped 10 s in (SIGINT, as at its budget on the GPU); the steps before and after it still run
+    # and their results are in the bundle, and the command fails
+    proc = _run_suite(tmp_path, "1", LDEQ_GPU_STEPS="env train profile", LDEQ_STEP_TIMEOUT_train="10", timeout=900)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert _step(tmp_path, "no_such_step")["exit_code"] == 127
-    assert "no_such_step     FAILED (exit 127)" in proc.stdout
+    steps = _bundle(tmp_path, 1)["steps"]
+    assert list(steps) == ["env", "train", "profile"]
+    train = steps["train"]
+    assert train["exit_code"] == 124 and train["stopped_at_budget"] and "KeyboardInterrupt" in train["log_tail"]
+    assert steps["env"]["ok"] and steps["env"]["result"]["kernels"]
+    assert steps["profile"]["ok"] and steps["profile"]["result"]["paths"]["fast"]["conv_share"] > 0
+    assert "STOPPED at budget" in proc.stdout
+    _check_outputs_fit(tmp_path)
 
 
-def test_gpu_suite_step_timeout(tmp_path):
-    # LDEQ_STEP_TIMEOUT bounds each step: the slow one is stopped (exit 124) and the next one still runs
-    proc = _run_suite(tmp_path, 300, LDEQ_GPU_STEPS="train_bench solver_bench", LDEQ_STEP_TIMEOUT="2")
+def test_unknown_step_fails_like_a_step(tmp_path):
+    proc = _run_suite(tmp_path, "2", LDEQ_GPU_STEPS="no_such_step", timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert _step(tmp_path, "train_bench")["exit_code"] == 124
-    assert "TIMED OUT" in proc.stdout
-    assert (tmp_path / "step_solver_bench.json").exists()
+    assert _bundle(tmp_path, 2)["steps"]["no_such_step"]["exit_code"] == 127
+    assert "no_such_step      FAILED (exit 127)" in proc.stdout
+
+
+def test_no_step_runs_past_the_command_deadline(tmp_path):
+    # a 14 s command: env gets what is left of it (~4 s) and is stopped; profile, with nothing left, is recorded
+    # as not started
+    proc = _run_suite(tmp_path, "1", LDEQ_GPU_STEPS="env profile", LDEQ_COMMAND_BUDGET="14", timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    steps = _bundle(tmp_path, 1)["steps"]
+    assert steps["env"]["budget_s"] <= 4 and steps["env"]["exit_code"] == 124
+    assert steps["profile"]["exit_code"] == 125 and steps["profile"]["seconds"] == 0
+    assert "NOT STARTED (no time)" in proc.stdout
