@@ -39,6 +39,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def nan_empty():
+    """Uninitialised tensors (torch.empty, at::empty inside the C++ kernels, the Triton launchers' outputs) come
+    back NaN-filled, so any output element a kernel forgets to write fails the comparison.  warn_only: cuBLAS
+    refuses deterministic mode without a fixed workspace on CUDA."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.empty(4).isnan().all()
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+@pytest.fixture
 def one_thread():
     """Tiny tensors: on a shared 2-core machine OpenMP spin-waits make each small op ~10x slower with two
     threads.  Tests that compare thread counts set their own."""

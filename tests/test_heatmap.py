@@ -73,17 +73,6 @@ def _keypoints_and_grad(fn, maps, grads):
     return [r.detach() for r in res], m.grad
 
 
-@pytest.fixture
-def nan_empty():
-    """Uninitialised tensors (also at::empty inside the C++ kernels) come back NaN-filled, so any output
-    element a kernel forgets to write fails the comparison."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    assert torch.empty(4).isnan().all()
-    yield
-    torch.use_deterministic_algorithms(prev)
-
-
 @needs_cpp
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

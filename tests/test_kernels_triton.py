@@ -37,18 +37,15 @@ def test_triton_launchers_in_interpreter():
 
 
 @pytest.fixture
-def triton_kernels():
-    """Loader of the kernel modules (the fixture's name marks these tests 'triton' for the GPU suite)."""
+def triton_kernels(nan_empty):
+    """Loader of the kernel modules, outputs NaN-filled (the fixture's name marks these tests 'triton' for the
+    GPU suite)."""
     if not triton_available():
         pytest.skip("triton is not installed")
     if DEVICE == "cpu" and not INTERPRETED:
         pytest.skip("runs in the TRITON_INTERPRET=1 child process or on a GPU")
-    prev = torch.are_deterministic_algorithms_enabled()
-    # torch.empty (the launchers' outputs too) comes back NaN-filled; warn_only: cuBLAS refuses otherwise
-    torch.use_deterministic_algorithms(True, warn_only=True)
     assert torch.empty(4, device=DEVICE).isnan().all()
-    yield load_triton_kernels
-    torch.use_deterministic_algorithms(prev)
+    return load_triton_kernels
 
 
 def _close(got, want, tol, what, scale=0.0):
