@@ -117,7 +117,9 @@ def main(argv=None) -> int:
                          "ms_per_image": 1e3 * med / a.batch,
                          "max_kpt_diff_px_vs_fast_fp32": float((outs[name].keypoints.float() - ref_kpts["fast_fp32"]
                                                                 ).abs().max() * hm),
-                         "times_s": times[name]})
+                         "times_s": times[name],
+                         # what ran (inside torch.compile the ops resolve at trace time and are not recorded)
+                         "backends": getattr(outs[name], "backends", None) or "not recorded (compiled)"})
         return rows
 
     res = {"phase": a.phase, "machine": machine_info(device), "device": str(device), "config": base.to_dict(),
@@ -189,6 +191,7 @@ def streaming(fast, base, device, a) -> dict:
         play()  # warm-up
         per = [time_once(play, device) / a.stream_frames for _ in range(3)]
         out[name] = {"ms_per_frame": 1e3 * statistics.median(per), "cell_evals_per_frame": a.stream_iters + 1,
+                     "backends": gf(frames[0], None, check=False).backends,
                      "frames": a.stream_frames, "input_check": "off (no per-frame host sync)"}
         print(f"streaming batch 1, {a.stream_iters + 1} cell evaluations/frame, {name}: "
               f"{out[name]['ms_per_frame']:.3f} ms/frame")

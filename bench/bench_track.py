@@ -89,6 +89,7 @@ def track_cli(model, paths, boxes, out: Path, device) -> int:
 
 def main(argv=None) -> int:
     from ldeq_fast.landmarker import Landmarker
+    from ldeq_fast.ops import recording_backends
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo")
@@ -114,8 +115,11 @@ def main(argv=None) -> int:
                    "track_prox": lambda: track(prox, paths, boxes)}
         if not a.no_cli:
             methods["track_cli"] = lambda: track_cli(prox.model, paths, boxes, tmp, a.device)
-        for fn in methods.values():      # warm-up: kernels, allocator, file cache
-            fn()
+        backends = {}
+        for name, fn in methods.items():      # warm-up: kernels, allocator, file cache; what ran
+            with recording_backends() as ran:
+                fn()
+            backends[name] = dict(sorted(ran.items()))
         fps: dict[str, list[float]] = {k: [] for k in methods}
         for _ in range(a.repeats):
             for name, fn in methods.items():
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in fps.items()}
     res = {"machine": machine_info(a.device), "model": a.model, "device": a.device, "videos": a.videos,
            "frames_per_video": a.frames, "difficulty": a.difficulty, "repeats": a.repeats,
-           "median_frames_per_s": med, "runs_frames_per_s": fps,
+           "median_frames_per_s": med, "runs_frames_per_s": fps, "backends": backends,
            "ratio_track_per_frame_vs_still": med["track_per_frame"] / med["still_batches"],
            "ratio_track_prox_vs_still": med["track_prox"] / med["still_batches"]}
     if "track_cli" in med:

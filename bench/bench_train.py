@@ -27,9 +27,11 @@ PATHS = ("fast", "published")
 def published_training_step(model, images, kpts, opt):
     """The published recipe: no-grad published Anderson, one tracked step, backward hook solving the
     adjoint fixed point with published Anderson on vector-Jacobian products."""
+    from ldeq_fast.ops import note
     from ldeq_fast.ops.heatmap import heatmap_keypoints_ref
     from ldeq_fast.solvers.published import anderson_published
 
+    note("solver", "torch")  # the published Anderson, plain PyTorch
     c = model.cfg
     x = model.tail(images)
     f = model.cell_fn(x)
@@ -72,6 +74,7 @@ def fast_training_step(model, images, kpts, opt):
 def child(path: str, batch: int, small: bool, device: str, max_iters: int) -> dict:
     from ldeq_fast import LDEQ, LDEQConfig
     from ldeq_fast.memory import peak_memory_bytes
+    from ldeq_fast.ops import recording_backends
 
     torch.manual_seed(0)
     cfg = (LDEQConfig.small() if small else LDEQConfig()).replace(max_iters=max_iters, grad_mode="ift")
@@ -83,12 +86,14 @@ def child(path: str, batch: int, small: bool, device: str, max_iters: int) -> di
     step = fast_training_step if path == "fast" else published_training_step
     step(model, images, kpts, opt)                  # warm-up: allocator, oneDNN primitives, optimizer state
     result = {}
-    seconds = time_once(lambda: result.update(iters=step(model, images, kpts, opt)), device)
+    with recording_backends() as ran:
+        seconds = time_once(lambda: result.update(iters=step(model, images, kpts, opt)), device)
     iters = result["iters"]
     # peak memory in a third, untimed step (CPU: peak live tensor bytes; process RSS would mix in the
     # C library's retained heap)
     peak = peak_memory_bytes(lambda: step(model, images, kpts, opt), device)
-    return {"path": path, "batch": batch, "seconds": seconds, "peak_mb": peak / 2 ** 20, "fwd_iters": iters}
+    return {"path": path, "batch": batch, "seconds": seconds, "peak_mb": peak / 2 ** 20, "fwd_iters": iters,
+            "backends": dict(sorted(ran.items()))}
 
 
 def _memory_fit(rows, path: str, budget_mb: float) -> dict | None:
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
                     gc.collect()
                     if a.device.startswith("cuda"):
                         torch.cuda.empty_cache()
-                slot = runs.setdefault((path, b), {"seconds": [], "peak_mb": [], "fwd_iters": r["fwd_iters"]})
+                slot = runs.setdefault((path, b), {"seconds": [], "peak_mb": [], "fwd_iters": r["fwd_iters"],
+                                                   "backends": r["backends"]})
                 slot["seconds"].append(r["seconds"])
                 slot["peak_mb"].append(r["peak_mb"])
                 print(f"rep {rep} {path:>9} batch {b}: {r['seconds']:.2f} s, peak {r['peak_mb']:.0f} MB",

@@ -58,7 +58,7 @@ def profile_forward(model, images, device, autocast_dtype=None) -> dict:
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
     return {"total_ms": total / 1e3, "conv_ms": conv / 1e3, "conv_share": conv / total if total else None,
             "time_rows": "device kernels only" if cuda else "operator self CPU time",
-            "iterations": float(out.stats.nstep.float().mean()),
+            "iterations": float(out.stats.nstep.float().mean()), "backends": out.backends,
             "top_ops_ms": [(k, t / 1e3) for k, t in top]}
 
 

@@ -78,4 +78,4 @@ class GraphedForward:
             out = self._static
         return LDEQOutput(keypoints=out.keypoints.clone(), uncertainty=out.uncertainty.clone(),
                           uncertainty_published=out.uncertainty_published.clone(), z_star=out.z_star.clone(),
-                          heatmaps=out.heatmaps, stats=out.stats)
+                          heatmaps=out.heatmaps, stats=out.stats, backends=out.backends)
