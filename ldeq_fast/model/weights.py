@@ -43,8 +43,10 @@ def save_weights(model, folder, name: str = "model") -> tuple[Path, Path]:
     return weights, config
 
 
-def load_weights(path, map_location="cpu", **config_overrides):
-    """Load an LDEQ saved by :func:`save_weights`; ``path`` is the .pt file (the .json sits beside it)."""
+def load_weights(path, map_location="cpu", init="auto", **config_overrides):
+    """Load an LDEQ saved by :func:`save_weights`; ``path`` is the .pt file (the .json sits beside it).
+    ``init``: the learned initial state, by default ``<stem>.init.pt`` beside it when present (a path: that
+    file; None: none); see ldeq_fast/model/init_state.py."""
     from ldeq_fast.model.ldeq import LDEQ
     from ldeq_fast.model.published import CheckpointError, load_state_dict_strict
 
@@ -64,4 +66,6 @@ def load_weights(path, map_location="cpu", **config_overrides):
         raise CheckpointError(f"{path}: corrupt or unsafe weights file ({type(exc).__name__}: {exc})") from exc
     model = LDEQ(cfg)
     load_state_dict_strict(model, sd, source=str(path))
-    return model.eval()
+    from ldeq_fast.model.init_state import attach_initial_state
+
+    return attach_initial_state(model.eval(), path, init)
