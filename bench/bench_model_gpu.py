@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     runs = {"published_eager": run(models["published"]), "published_eager_bf16": run(models["published"], True),
             "reference_eager": run(models["reference"]), "fast_fp32": run(models["fast"]),
             "fast_bf16": run(models["fast"], True)}
+    skipped = _skip_bf16_without_native(runs, device)
     hm = base.heatmap_size
     ref_kpts = {}
 
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
 
     res = {"phase": a.phase, "machine": machine_info(device), "device": str(device), "config": base.to_dict(),
            "repeats": a.repeats, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-           "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+           "tf32_cudnn": torch.backends.cudnn.allow_tf32, "skipped": skipped}
     if a.phase == "eager":
         res["rows"] = rows = measure(list(runs))
         ratios(rows, "published_eager", "speedup_vs_published_eager")
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
         return 0
 
     # compile phase: the compiled reference against published eager and the fast path, side by side
-    names = ["published_eager", "fast_fp32", "fast_bf16"]
+    names = [n for n in ("published_eager", "fast_fp32", "fast_bf16") if n in runs]
     res["compiled"] = {"target": a.compile_target, "mode": a.compile_mode, "backend": a.compile_backend,
                        "cap_s": a.compile_cap, "status": "pending"}
     write_json(a.json, res)
@@ -147,6 +148,9 @@ def main(argv=None) -> int:
         compiled = torch.compile(target, mode=a.compile_mode, backend=a.compile_backend)
     compile_s, status = {}, "ok"
     for dt in a.compile_dtypes.split(","):
+        if dt == "bf16" and skipped:
+            skipped.append({"path": "reference_compiled_bf16", "why": skipped[0]["why"]})
+            continue
         name = f"reference_compiled_{dt}"
         runs[name] = run(compiled, bf16=dt == "bf16")
         t0 = time.perf_counter()
@@ -211,6 +215,22 @@ def _dynamo_counts() -> dict:
     except Exception:  # noqa: BLE001 - diagnostics only
         return {}
     return {"stats": dict(counters["stats"]), "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def _skip_bf16_without_native(runs: dict, device: torch.device) -> list[dict]:
+    """bf16 rows only where bf16 is native: on a CPU without it a bf16 convolution is ~200x slower (the model
+    would run fp32 under the autocast anyway, ldeq_fast/numerics.py), so those rows are dropped, and said so."""
+    from ldeq_fast.numerics import native_bf16
+
+    if native_bf16(device.type):
+        return []
+    why = (f"no native bf16 on this {device.type} (torch.ops.mkldnn._is_mkldnn_bf16_supported() is False): "
+           "bf16 rows skipped")
+    names = [n for n in runs if n.endswith("_bf16")]
+    print(f"skipping {', '.join(names)}: {why}")
+    for n in names:
+        del runs[n]
+    return [{"path": n, "why": why} for n in names]
 
 
 def _print_rows(rows: list[dict], label: str, key: str) -> None:

@@ -3,9 +3,14 @@
 Each path is the same LDEQ weights run a different way.  Paths are interleaved (A, B, A, B, ...) and
 each figure is the median of the repeats, so drift on a noisy machine hits every path alike.  Peak memory
 (live tensor bytes of one forward; the CUDA allocator's peak on GPU) is taken in an extra, untimed run.
-Every row records the backend each fused op actually ran on (``backends``); ``fast_path_problems`` lists
-the fast rows that ran an op on the PyTorch reference (or a fast path that could not run), and the command
-exits non-zero when there are any.
+Every row records the backend each fused op actually ran on (``backends``) and, on CPU, the fast path's
+measured layout plan (``cpu_plan``, ldeq_fast/cpu_tuning.py: measured at the warm-up run, so not timed);
+``fast_path_problems`` lists the fast rows that ran an op on the PyTorch reference (or a fast path that could
+not run), and the command exits non-zero when there are any.
+
+By default the reference and the fast path run (``DEFAULT_PATHS``); the published-semantics path is a parity
+path, run on request (``paths=['published']``, CLI ``--paths published``).  The memory run solves
+min(iterations, m) iterations: the solvers allocate their history up front, so its peak is the full solve's.
 """
 from __future__ import annotations
 
@@ -53,6 +58,9 @@ def available_paths(device: torch.device) -> list[Path]:
     return paths
 
 
+DEFAULT_PATHS = ("reference", "fast")
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -69,11 +77,11 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
         cfg = cfg.replace(max_iters=int(max_iters))
     model = LDEQ(cfg).to(device).eval()
     all_paths = available_paths(device)
-    if paths:
-        unknown = sorted(set(paths) - {p.name for p in all_paths})
-        if unknown:
-            raise ValueError(f"unknown path(s) {unknown}; available: {[p.name for p in all_paths]}")
-        all_paths = [p for p in all_paths if p.name in paths or p.name == "reference"]
+    paths = DEFAULT_PATHS if paths is None else paths
+    unknown = sorted(set(paths) - {p.name for p in all_paths})
+    if unknown:
+        raise ValueError(f"unknown path(s) {unknown}; available: {[p.name for p in all_paths]}")
+    all_paths = [p for p in all_paths if p.name in paths or p.name == "reference"]
     runnable = [p for p in all_paths if p.available]
     results = {"machine": machine_info(), "device": str(device), "config": cfg.to_dict(),
                "batch_sizes": list(batch_sizes), "repeats": repeats, "rows": [],
@@ -109,8 +117,9 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
             out = outs[p.name]
             med = statistics.median(times[p.name])
             model.cfg = cfg.replace(**p.config)
+            mem_iters = min(model.cfg.max_iters, max(2, model.cfg.anderson_m))
             with torch.no_grad():  # an extra, untimed forward: memory tracking slows every op on CPU
-                peak = peak_memory_bytes(lambda imgs=images: model(imgs), device)
+                peak = peak_memory_bytes(lambda imgs=images, n=mem_iters: model(imgs, max_iters=n), device)
             if bar is not None:
                 bar.update(1)
             results["rows"].append({
@@ -121,6 +130,7 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
                 "peak_mb": peak / 2 ** 20,
                 "speedup_vs_reference": statistics.median(times[runnable[0].name]) / med,
                 "backends": out.backends,
+                **({"cpu_plan": out.extra["cpu_plan"]} if "cpu_plan" in out.extra else {}),
             })
     if bar is not None:
         bar.close()
@@ -157,11 +167,25 @@ def format_table(res: dict) -> str:
     if fast:
         ran = sorted({f"{op}={b}" for r in fast for op, b in r["backends"].items()})
         lines.append("fast path ran: " + ", ".join(ran))
+    for r in fast:
+        if "cpu_plan" in r:
+            p = r["cpu_plan"]
+            src = "measured now" if p["source"] == "measured" else "from the cache, measured"
+            lines.append(f"fast path CPU plan at batch {r['batch']} ({src} at batch {p['measured_batch']}): "
+                         f"{p['nhwc_convs']} convs channels_last, {p['nchw_convs']} NCHW, {p.get('winograd_convs', 0)} "
+                         f"Winograd; oneDNN conv+add on {p['post_add']} of {p['split_convs']} split convs")
     for problem in res.get("fast_path_problems", []):
         lines.append(f"PROBLEM: {problem}")
     return "\n".join(lines)
 
 
-def save_json(res: dict, path: str) -> None:
-    with open(path, "w") as fh:
-        json.dump(res, fh, indent=1)
+def save_json(res: dict, path) -> None:
+    """Write ``res`` as JSON atomically (a temporary file beside it, then a rename: never a torn file)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=1, default=str))
+    os.replace(tmp, path)

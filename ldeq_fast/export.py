@@ -1,7 +1,8 @@
 """ONNX export of an LDEQ with a fixed number of fixed-point iterations unrolled.
 
 The exported graph maps ImageNet-normalised images (B, 3, S, S) to ``keypoints`` (B, K, 2; (x, y) divided
-by the heatmap size) and ``uncertainty`` (B, K): stem -> z = 0 -> ``iters`` cell evaluations -> the model's
+by the heatmap size) and ``uncertainty`` (B, K): stem -> z0 (the model's learned initial state when it has one,
+ldeq_fast/model/init_state.py; zeros otherwise) -> ``iters`` cell evaluations -> the model's
 extra inference step (implicit models without ``take_one_less_inference_step``) -> heatmap read-out.  That is
 exactly what ``model(x, solver=SolverSettings(method='fpi', max_iter=iters, tol=0.0, backend='torch'))``
 computes when the residual keeps falling (the per-sample solver returns the image of its best iterate).
@@ -27,18 +28,23 @@ UNCERTAINTY = ("spread", "published")
 
 
 class UnrolledLDEQ(nn.Module):
-    """The exported computation: ``iters`` fixed-point steps from zeros (+ the extra step), then keypoints."""
+    """The exported computation: ``iters`` fixed-point steps (+ the extra step), then keypoints.  The start is
+    the model's learned initial state when one is attached (an export is for inference), zeros otherwise."""
 
     def __init__(self, model: nn.Module, iters: int, extra_step: bool, uncertainty: str = "spread"):
         super().__init__()
         self.tail, self.cell, self.cfg = model.tail, model.deq_layer.cell, model.cfg
+        self.initial_state = getattr(model, "initial_state", None)
         self.steps = iters + int(extra_step)
         self.published_uncertainty = uncertainty == "published"
 
     def forward(self, images: torch.Tensor):
         c = self.cfg
         injection = self.tail(images)
-        z = injection.new_zeros(images.shape[0], c.z_width, c.heatmap_size, c.heatmap_size)
+        if self.initial_state is not None:
+            z = self.initial_state(injection)
+        else:
+            z = injection.new_zeros(images.shape[0], c.z_width, c.heatmap_size, c.heatmap_size)
         for _ in range(self.steps):
             z = self.cell(z, injection)
         heat = z[:, : c.n_keypoints]
@@ -89,9 +95,10 @@ def _metadata(model, plan: dict, opset: int, batch: int, dynamic_batch: bool, un
     from ldeq_fast import __version__
 
     c = model.cfg
+    learned = getattr(model, "initial_state", None) is not None
     return {"ldeq_fast_version": __version__, "opset": str(opset), "iterations": str(plan["iters"]),
             "extra_step": str(int(plan["extra_step"])), "solver": plan["solver"], "model_mode": plan["model_mode"],
-            "z0": "zeros", "input_size": str(c.im_size), "heatmap_size": str(c.heatmap_size),
+            "z0": "learned initial state" if learned else "zeros", "input_size": str(c.im_size), "heatmap_size": str(c.heatmap_size),
             "n_keypoints": str(c.n_keypoints), "batch": "dynamic" if dynamic_batch else str(batch),
             "input": f"images (B, 3, {c.im_size}, {c.im_size}) float32, ImageNet-normalised RGB",
             "keypoints": "(B, K, 2) (x, y) / heatmap_size, in [0, 1)",

@@ -17,10 +17,12 @@ from ldeq_fast.model.ldeq import LDEQ, LDEQOutput
 class GraphedForward:
     """``gf = GraphedForward(model, batch=1, iters=1)``; then ``out = gf(images, z0)`` per frame.
 
-    ``iters`` solver evaluations from ``z0`` (zeros when None), then the model's extra step: 2 cell
-    evaluations per frame at ``iters=1`` (the published RwR inference).  The returned keypoints,
-    uncertainties and z_star are copies, safe to keep across calls (pass ``out.z_star`` as the next z0);
-    ``heatmaps`` and ``stats`` are the forward's own buffers, overwritten by the next call.
+    ``iters`` solver evaluations from ``z0``, then the model's extra step: 2 cell evaluations per frame at
+    ``iters=1`` (the published RwR inference).  ``z0=None`` (a cold start: first frame, reset) starts from the
+    model's learned initial state when it has one (computed inside the graph: ldeq_fast/model/init_state.py),
+    from zeros otherwise.  The returned keypoints, uncertainties and z_star are copies, safe to keep across
+    calls (pass ``out.z_star`` as the next z0); ``heatmaps`` and ``stats`` are the forward's own buffers,
+    overwritten by the next call.  One graph per kind of start, captured at first use.
     """
 
     def __init__(self, model: LDEQ, batch: int, iters: int = 1, use_graph: bool | None = None, warmup: int = 3):
@@ -35,25 +37,34 @@ class GraphedForward:
         self.use_graph = device.type == "cuda" if use_graph is None else bool(use_graph)
         if self.use_graph and c.backend == "torch":
             raise ValueError("GraphedForward: the reference solver (backend 'torch') reads residuals on the host; "
-                             "capture needs the fused engine (backend auto|triton|cuda)")
+                             "capture needs the fused engine (backend auto or triton)")
         if self.use_graph and device.type != "cuda":
             raise ValueError("GraphedForward: CUDA graphs need the model on a CUDA device")
-        self.graph = None
-        self._static: LDEQOutput | None = None
+        self.warmup = warmup
+        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, LDEQOutput]] = {}
         if self.use_graph:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):      # warm-up off the capture stream: kernels, allocator, caches
-                for _ in range(warmup):
-                    self._run()
-            torch.cuda.current_stream(device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._static = self._run()
+            self._capture(self._start(None))
+
+    def _start(self, z0) -> str:
+        return "learned" if z0 is None and self.model.uses_initial_state() else "given"
+
+    def _capture(self, start: str) -> None:
+        device = self.images.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):      # warm-up off the capture stream: kernels, allocator, caches
+            for _ in range(self.warmup):
+                self._run(start)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = self._run(start)
+        self._graphs[start] = (graph, static)
 
     @torch.no_grad()
-    def _run(self) -> LDEQOutput:
-        return self.model.forward_unchecked(self.images, self.z0, solver=self.settings)
+    def _run(self, start: str = "given") -> LDEQOutput:
+        return self.model.forward_unchecked(self.images, None if start == "learned" else self.z0,
+                                            solver=self.settings)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, z0: torch.Tensor | None = None, *, check: bool = True) -> LDEQOutput:
@@ -67,15 +78,19 @@ class GraphedForward:
         elif z0 is not None and tuple(z0.shape) != tuple(self.z0.shape):
             raise ValueError(f"z0 must have shape {tuple(self.z0.shape)}, got {tuple(z0.shape)}")
         self.images.copy_(images)
-        if z0 is None:
-            self.z0.zero_()
+        start = self._start(z0)
+        if start == "given":
+            if z0 is None:
+                self.z0.zero_()
+            else:
+                self.z0.copy_(z0)
+        if not self.use_graph:
+            out = self._run(start)
         else:
-            self.z0.copy_(z0)
-        if self.graph is None:
-            out = self._run()
-        else:
-            self.graph.replay()
-            out = self._static
+            if start not in self._graphs:
+                self._capture(start)
+            graph, out = self._graphs[start]
+            graph.replay()
         return LDEQOutput(keypoints=out.keypoints.clone(), uncertainty=out.uncertainty.clone(),
                           uncertainty_published=out.uncertainty_published.clone(), z_star=out.z_star.clone(),
-                          heatmaps=out.heatmaps, stats=out.stats, backends=out.backends)
+                          heatmaps=out.heatmaps, stats=out.stats, backends=out.backends, extra=dict(out.extra))

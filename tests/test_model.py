@@ -200,11 +200,14 @@ def test_fast_path_under_bf16_autocast_agrees_with_fp32(device, demo_faces, monk
 
 
 @needs_cpp
-def test_fast_cpu_inference_has_no_standalone_activation_adds():
-    """CPU fp32 inference: every sum over activations rides on another op (the oneDNN conv's add post-op,
-    the fused norm's residual), and no cell activation is re-laid out: such a pass costs a few percent of
-    the forward each (the profiler sees ops that oneDNN's fallbacks call internally)."""
+def test_fast_cpu_inference_has_no_standalone_activation_adds(monkeypatch):
+    """CPU fp32 inference with the fixed layout: every sum over activations rides on another op (the oneDNN
+    conv's add post-op, the fused norm's residual), and no cell activation is re-laid out: such a pass costs a
+    few percent of the forward each (the profiler sees ops that oneDNN's fallbacks call internally).  (A
+    measured plan, ldeq_fast/cpu_tuning.py, may choose a separate add or a layout change where it timed faster.)"""
     from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("LDEQ_FAST_CPU_TUNING", "off")
 
     cfg = LDEQConfig.small(backend="auto", max_iters=2)
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldeq_fast.model import winograd
 from ldeq_fast.model.recompute import remember
 from ldeq_fast.ops.heatmap import softargmax_heatmaps
 from ldeq_fast.ops.leaky_relu_group_norm import leaky_relu_group_norm
@@ -21,6 +22,12 @@ class ConvBlock(nn.Module):
     """
 
     epilogue_backend = "torch"
+    # CPU inference plan (ldeq_fast/cpu_tuning.py), set by LDEQ per solve: the convolution's memory format
+    # (None: as its weight and input come, the fixed fast-path layout) and whether a split 1x1 conv may add
+    # its partner with oneDNN's post-op
+    memory_format = None
+    post_add = True
+    conv_algorithm = "direct"   # or 'winograd' (ldeq_fast/model/winograd.py), also set by the plan
 
     def __init__(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, norm: str = "bn",
                  gn_groups: int = 1, act: bool = True):
@@ -37,7 +44,38 @@ class ConvBlock(nn.Module):
             raise ValueError(f"unknown norm {norm!r}")
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.epilogue(self.conv(x), residual)
+        return self.epilogue(self.conv_forward(x), residual)
+
+    def conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution, in ``memory_format`` when the plan sets one (input and weight both in it)."""
+        if self.memory_format is None:
+            return self.conv(x)
+        c = self.conv
+        if self.conv_algorithm == "winograd":
+            return winograd.conv5x5(x, self._cached(("winograd",), lambda: winograd.transform_weight(c.weight)), c.bias)
+        return F.conv2d(x.contiguous(memory_format=self.memory_format), self.planned_weight(), c.bias, c.stride,
+                        c.padding, c.dilation, c.groups)
+
+    def _cached(self, what: tuple, make):
+        """``make()`` kept per weight version: a parameter's layout is never changed behind an optimizer's
+        back, and an updated parameter (a new version) is converted again."""
+        key = (*what, self.conv.weight.data_ptr(), self.conv.weight._version)
+        cache = self.__dict__.setdefault("_planned_weights", {})
+        if key not in cache:
+            if len(cache) >= 6:   # stale versions of the weight
+                cache.clear()
+            cache[key] = make()
+        return cache[key]
+
+    def planned_weight(self, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The weight (input channels [start, stop)) in the plan's memory format, kept between calls."""
+        w = self.conv.weight
+        if start is not None:
+            w = w[:, start:stop]
+        fmt = self.memory_format or torch.contiguous_format
+        if w.is_contiguous(memory_format=fmt):
+            return w
+        return self._cached((start, stop, fmt), lambda: w.detach().contiguous(memory_format=fmt))
 
     def epilogue(self, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """LeakyReLU -> norm of a conv output, plus ``residual`` when given (a residual connection around
@@ -66,10 +104,17 @@ class ConvBlock(nn.Module):
         itself when ``add_in_place`` (the caller owns it) — the separate add's pass over memory is saved."""
         if self.conv.kernel_size != (1, 1):
             raise ValueError("conv_channels splits 1x1 convolutions only")
-        w, b = self.conv.weight[:, start:stop], (self.conv.bias if bias else None)
+        b = self.conv.bias if bias else None
+        if self.memory_format is None:
+            w = self.conv.weight[:, start:stop]
+        else:
+            w = self.planned_weight(start, stop)
+            x = x.contiguous(memory_format=self.memory_format)
+            if add is not None and not add_in_place:
+                add = add.contiguous(memory_format=self.memory_format)
         if add is None:
             return F.conv2d(x, w, b)
-        if _onednn_post_add_ok(x, w, add):
+        if self.post_add and _onednn_post_add_ok(x, w, add):
             if add.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(
                     memory_format=torch.channels_last):
                 # oneDNN fuses the add only with both operands in one format (else: conv, add, re-layout);
@@ -125,17 +170,25 @@ class Hourglass(nn.Module):
                                    (self.downchan7, self.downchan8, self.same8)):
             low, skip = narrow(out), skips.pop()
             if split_concat:
-                # fuse's 1x1 conv over cat(skip, up2(low)) = conv(skip) + up2(conv(low)): nearest upsampling
-                # commutes with a 1x1 conv, so the second half runs at quarter resolution and no
-                # concatenation is stored for backward
-                c = skip.shape[1]
-                up = F.interpolate(fuse.conv_channels(low, c, 2 * c, bias=False), scale_factor=2, mode="nearest")
-                fused = fuse.epilogue(fuse.conv_channels(skip, 0, c, bias=True, add=up, add_in_place=True))
+                fused = fuse.epilogue(split_fuse_conv(fuse, skip, low))
             else:
                 up = F.interpolate(low, scale_factor=2, mode="nearest")
                 fused = fuse(torch.cat((skip, up), 1))
             out = same(fused, residual=fused)
         return out
+
+    def fuse_blocks(self) -> tuple:
+        """The 1x1 blocks over cat(skip, up2(low)) (run as split convs on the fast path)."""
+        return self.downchan2, self.downchan4, self.downchan6, self.downchan8
+
+
+def split_fuse_conv(fuse: ConvBlock, skip: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """fuse's 1x1 conv over cat(skip, up2(low)) = conv(skip) + up2(conv(low)): nearest upsampling commutes
+    with a 1x1 conv, so the second half runs at quarter resolution and no concatenation is stored for
+    backward (before fuse's epilogue)."""
+    c = skip.shape[1]
+    up = F.interpolate(fuse.conv_channels(low, c, 2 * c, bias=False), scale_factor=2, mode="nearest")
+    return fuse.conv_channels(skip, 0, c, bias=True, add=up, add_in_place=True)
 
 
 def linear_normalize(h: torch.Tensor) -> torch.Tensor:
@@ -185,6 +238,14 @@ class Cell(nn.Module):
         self.features_to_heatmaps = HeatmapNorm(cfg.z_width, cfg.cell_norm, cfg.softargmax_beta,
                                                 cfg.learn_softargmax_beta)
 
+    def split_tail_conv(self, z: torch.Tensor, injection_term: torch.Tensor) -> torch.Tensor:
+        """The tail's 1x1 conv over cat(z, injection) as z's share plus the precomputed injection term."""
+        return self.tail.conv_channels(z, 0, z.shape[1], bias=False, add=injection_term)
+
+    def split_blocks(self) -> tuple:
+        """The blocks whose 1x1 conv runs split over a concatenation on the fast path: the tail, the fuses."""
+        return (self.tail, *self.hourglass.fuse_blocks())
+
     def injection_term(self, injection: torch.Tensor) -> torch.Tensor:
         """The injection's share of the tail's 1x1 conv over cat(z, injection), bias included: it is the
         same at every solver iteration, so the fast path computes it once per solve."""
@@ -198,7 +259,7 @@ class Cell(nn.Module):
         if injection_term is None:
             out = self.tail(torch.cat((z, injection), 1))
         else:
-            out = self.tail.epilogue(self.tail.conv_channels(z, 0, z.shape[1], bias=False, add=injection_term))
+            out = self.tail.epilogue(self.split_tail_conv(z, injection_term))
         out = self.hourglass(out, split_concat=injection_term is not None)
         return self.features_to_heatmaps(self.head(out))
 

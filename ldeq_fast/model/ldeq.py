@@ -81,6 +81,55 @@ class LDEQ(nn.Module):
     def zeros_z0(self, images: torch.Tensor) -> torch.Tensor:
         return images.new_zeros(self.z_shape(images.shape[0]), dtype=self.state_dtype)
 
+    # ------------------------------------------------------------------ learned initial state
+    @property
+    def initial_state(self):
+        """The learned initial state h (ldeq_fast/model/init_state.py) or None.  Attached, not owned: it is
+        not in ``parameters()`` or ``state_dict()`` (published checkpoints load strictly; an optimizer or DDP
+        over the model never sees it), but it follows ``.to()``, ``.float()``, ``.train()`` and deepcopy."""
+        return self.__dict__.get("_initial_state")
+
+    def set_initial_state(self, h) -> None:
+        """Attach h (an ``InitialState`` fitted for this model) or detach it (None)."""
+        if h is not None:
+            c = self.cfg
+            want = (c.injection_width, c.z_width, c.heatmap_size)
+            got = (getattr(h, "in_channels", None), getattr(h, "out_channels", None), getattr(h, "heatmap_size", None))
+            if got != want:
+                raise ValueError(f"initial state for injection/state/heatmap sizes {got}; this model has {want}")
+            if c.cell_norm == "none":
+                raise ValueError("a learned initial state renders heatmap-like states; a model with cell_norm='none' "
+                                 "keeps raw features in its state")
+            p = next(self.parameters())
+            h = h.to(device=p.device, dtype=p.dtype).train(self.training)
+            self._set_epilogue_backend(h, self.cfg.backend)
+        object.__setattr__(self, "_initial_state", h)   # not nn.Module.__setattr__: no submodule
+        self.__dict__.pop("initial_state_info", None)
+
+    def uses_initial_state(self) -> bool:
+        """z0 = h(x) when no z0 is given: an init is attached and the model is in eval mode (training keeps
+        the published zeros: the cell is changing under it)."""
+        return self.initial_state is not None and not self.training
+
+    def initial_z0(self, injection: torch.Tensor) -> torch.Tensor:
+        """The solve's default start for an injection x: h(x) (ldeq_fast/model/init_state.py) when
+        ``uses_initial_state()``, zeros otherwise; in the state dtype."""
+        if not self.uses_initial_state():
+            return injection.new_zeros(self.z_shape(injection.shape[0]), dtype=self.state_dtype)
+        return numerics.to_state(self.initial_state(injection), self.state_dtype).contiguous()
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.initial_state is not None:
+            self.initial_state._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.initial_state is not None:
+            self.initial_state.train(mode)
+        return self
+
     def solver_settings(self, max_iters: int | None = None, *, backward: bool = False, **changes) -> SolverSettings:
         """The forward solve's settings (``max_iters`` or the config's, through ``forward_depth``: a random
         depth when training with stochastic_max_iters), or with ``backward=True`` the implicit backward's
@@ -151,9 +200,20 @@ class LDEQ(nn.Module):
     def cell_fn(self, injection: torch.Tensor):
         self.apply_config()
         cell = self.deq_layer.cell
+        self._use_cpu_plan(injection)
         term = cell.injection_term(injection) if self._reordered_math() else None
         # the state stays fp32 (fp64) when the cell runs under bf16 autocast (ldeq_fast/numerics.py)
         return numerics.in_state_dtype(lambda z: cell(z, injection, term), self.state_dtype)
+
+    def _use_cpu_plan(self, injection: torch.Tensor) -> None:
+        """CPU inference on the fast path: each cell convolution's layout and post-op as measured for this
+        machine and batch (ldeq_fast/cpu_tuning.py); elsewhere the fixed choices."""
+        from ldeq_fast import cpu_tuning
+
+        plan = cpu_tuning.plan_for(self, injection.shape[0]) if cpu_tuning.applies(self, injection) else None
+        if plan is not self.__dict__.get("_cpu_plan"):
+            cpu_tuning.apply_plan(self.deq_layer.cell, plan)
+            self._cpu_plan = plan
 
     def _reordered_math(self) -> bool:
         """Fast-path rewrites that give the same values rounded differently: 1x1 convs over concatenations
@@ -166,16 +226,28 @@ class LDEQ(nn.Module):
         cfg.channels_last, NHWC weights (the activations follow the weights' layout)."""
         b = self.cfg.backend
         if getattr(self, "_epilogue_backend", None) != b:
-            for mod in self.deq_layer.cell.modules():
-                if isinstance(mod, (ConvBlock, HeatmapNorm)):
-                    mod.epilogue_backend = b
+            self._set_epilogue_backend(self.deq_layer.cell, b)
+            if self.initial_state is not None:
+                self._set_epilogue_backend(self.initial_state, b)
             self._epilogue_backend = b
+        if not self._reordered_math() and self.__dict__.get("_cpu_plan") is not None:
+            from ldeq_fast import cpu_tuning  # a measured CPU plan is for the fast path only
+
+            cpu_tuning.apply_plan(self.deq_layer.cell, None)
+            self._cpu_plan = None
         fmt = torch.channels_last if self._reordered_math() and self.cfg.channels_last else torch.contiguous_format
+        # (the learned initial state keeps NCHW weights: it works in NCHW, the solver state's order)
         if getattr(self, "_memory_format", torch.contiguous_format) != fmt:
             for mod in self.modules():
                 if isinstance(mod, nn.Conv2d):
                     mod.weight.data = mod.weight.data.contiguous(memory_format=fmt)
         self._memory_format = fmt
+
+    @staticmethod
+    def _set_epilogue_backend(module: nn.Module, backend: str) -> None:
+        for mod in module.modules():
+            if isinstance(mod, (ConvBlock, HeatmapNorm)):
+                mod.epilogue_backend = backend
 
     def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                 max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
@@ -207,7 +279,8 @@ class LDEQ(nn.Module):
 
     def _solve_and_read(self, x, images, z0, mode, max_iters, solver) -> LDEQOutput:
         c = self.cfg
-        z0 = self.zeros_z0(images) if z0 is None else numerics.to_state(z0, self.state_dtype)
+        start = "given" if z0 is not None else "learned" if self.uses_initial_state() else "zeros"
+        z0 = self.initial_z0(x) if z0 is None else numerics.to_state(z0, self.state_dtype)
         f = self.cell_fn(x)
         stats = None
         if mode == "explicit":
@@ -225,5 +298,9 @@ class LDEQ(nn.Module):
             raise ValueError(f"mode must be 'implicit' or 'explicit', not {mode!r}")
         heat = self.heatmaps_from_z(z)
         kpts, spread, published = self.keypoints_from_heatmaps(heat)
-        return LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
-                          z_star=z.detach(), heatmaps=heat, stats=stats)
+        out = LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
+                         z_star=z.detach(), heatmaps=heat, stats=stats, extra={"z0": start})
+        plan = self.__dict__.get("_cpu_plan")
+        if plan is not None:
+            out.extra["cpu_plan"] = plan.describe()
+        return out

@@ -114,8 +114,9 @@ def _strip_prefix(sd: dict) -> dict:
     return sd
 
 
-def load_published(path, map_location="cpu", **config_overrides):
-    """Build an LDEQ from a published checkpoint file and load its weights strictly (eval mode)."""
+def load_published(path, map_location="cpu", init="auto", **config_overrides):
+    """Build an LDEQ from a published checkpoint file and load its weights strictly (eval mode).  ``init``: the
+    learned initial state, as in ``load_weights`` (default: ``<stem>.init.pt`` beside the checkpoint if present)."""
     from ldeq_fast.model.ldeq import LDEQ
 
     ckpt = read_checkpoint(path, map_location)
@@ -124,7 +125,9 @@ def load_published(path, map_location="cpu", **config_overrides):
     cfg = published_args_to_config(ckpt["args"], **config_overrides)
     model = LDEQ(cfg)
     load_state_dict_strict(model, _strip_prefix(ckpt["state_dict"]), source=os.fspath(path))
-    return model.eval()
+    from ldeq_fast.model.init_state import attach_initial_state
+
+    return attach_initial_state(model.eval(), path, init)
 
 
 def save_published(model, path, **extra_args) -> None:

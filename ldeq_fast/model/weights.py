@@ -93,8 +93,10 @@ def _paired_weights(path: Path, cfg_path: Path, expected: str | None) -> bytes:
                           f"(digest mismatch); save the model again with save_weights")
 
 
-def load_weights(path, map_location="cpu", **config_overrides):
-    """Load an LDEQ saved by :func:`save_weights`; ``path`` is the .pt file (the .json sits beside it)."""
+def load_weights(path, map_location="cpu", init="auto", **config_overrides):
+    """Load an LDEQ saved by :func:`save_weights`; ``path`` is the .pt file (the .json sits beside it).
+    ``init``: the learned initial state, by default ``<stem>.init.pt`` beside it when present (a path: that
+    file; None: none); see ldeq_fast/model/init_state.py."""
     from ldeq_fast.model.ldeq import LDEQ
 
     path = Path(path)
@@ -118,4 +120,6 @@ def load_weights(path, map_location="cpu", **config_overrides):
         raise CheckpointError(f"{path}: expected a state_dict, got {type(sd).__name__}")
     model = LDEQ(cfg)
     load_state_dict_strict(model, sd, source=str(path))
-    return model.eval()
+    from ldeq_fast.model.init_state import attach_initial_state
+
+    return attach_initial_state(model.eval(), path, init)

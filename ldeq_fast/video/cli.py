@@ -10,18 +10,25 @@ import torch
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo_synthetic.pt"
 
 
-def load_model(spec: str):
+def load_model(spec: str, init="auto"):
+    """'demo', an ldeq_fast .pt (+ .json) or a published checkpoint; ``init``: its learned initial state
+    (default: ``<stem>.init.pt`` beside it when present; None: none)."""
     from ldeq_fast.model import load_published, load_weights
 
     if spec == "demo":
         if not DEMO_MODEL.is_file():
             raise FileNotFoundError(f"the shipped demo model is missing ({DEMO_MODEL}); reinstall ldeq_fast or "
                                     "train one with the command in the README")
-        return load_weights(DEMO_MODEL)
+        return load_weights(DEMO_MODEL, init=init)
     p = Path(spec)
     if p.suffix == ".pt" and p.with_suffix(".json").is_file():
-        return load_weights(p)
-    return load_published(p)
+        return load_weights(p, init=init)
+    return load_published(p, init=init)
+
+
+def model_path(spec: str) -> Path:
+    """The file behind a ``--model`` spec (the demo model's for 'demo')."""
+    return DEMO_MODEL if spec == "demo" else Path(spec)
 
 
 def add_video_arguments(p: argparse.ArgumentParser) -> None:

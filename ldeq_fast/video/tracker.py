@@ -199,14 +199,16 @@ class RwRTracker:
             if tc.reset_displacement is not None:
                 bad |= (kp_new - kp_old).norm(dim=-1).mean(dim=-1) > tc.reset_displacement
             cold[idx[bad]] = True
+        # cold starts (first frames, resets, per-frame inference) solve from the model's default start: its
+        # learned initial state when it has one (ldeq_fast/model/init_state.py), else zeros
         if bool(cold.all()):    # per-frame inference, or every stream starting: no gather / scatter
-            z, st = deq_fixed_point(m.cell_fn(x), torch.zeros_like(z), full, extra_step=extra)
+            z, st = deq_fixed_point(m.cell_fn(x), m.initial_z0(x), full, extra_step=extra)
             evals += st.nstep + int(extra)
             residual = st.best_residual.to(residual.dtype)
             diverged = st.diverged.to(images.device).clone()
         elif bool(cold.any()):
             idx = cold.nonzero().flatten()
-            zc, st = deq_fixed_point(m.cell_fn(x[idx]), torch.zeros_like(z[idx]), full, extra_step=extra)
+            zc, st = deq_fixed_point(m.cell_fn(x[idx]), m.initial_z0(x[idx]), full, extra_step=extra)
             z[idx] = zc
             evals[idx] += st.nstep + int(extra)
             residual[idx] = st.best_residual.to(residual.dtype)
