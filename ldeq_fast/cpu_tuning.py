@@ -4,8 +4,9 @@ The fixed choices (channels_last everywhere, oneDNN's conv + add post-op for the
 best on every CPU and shape: on the 2-core AMD EPYC (Zen 3, AVX2) the 5x5 convolutions run 1.3-1.5x slower
 channels_last than NCHW at batch 1 while most 3x3 ones run faster channels_last, and the balance moves with
 the batch.  So for CPU inference the fast path measures, once per machine and shape, each cell convolution
-in both memory formats and each split 1x1 conv with and without the post-op, and runs the faster of each
-(a layout change between two convolutions is one copy of an activation, small next to either).
+in both memory formats and each split 1x1 conv with and without the post-op, times the copy that changes
+each activation's memory format, and runs the cheapest combination over the whole cell (``_choose``: each
+layout change costs a copy; ignoring them once made the copies 13% of the fast path at batch 8).
 
 * When: at the first solve of a (model shape, batch bucket) in a process; the plan is cached on disk
   (``$LDEQ_FAST_CACHE_DIR`` or ``~/.cache/ldeq_fast/cpu_plans.json``), keyed by CPU model, torch and oneDNN
@@ -48,7 +49,7 @@ WINOGRAD_MAX_ERROR = 5e-5
 TIMING_FLOPS = 4e9   # at most this much work per timed call (see _timing_batch)
 # a candidate replaces the fixed choice only when it is this much faster (timing noise must not flip it)
 MARGIN = 0.03
-_SCHEMA = 2   # 2: Winograd candidates
+_SCHEMA = 3   # 2: Winograd candidates; 3: layout changes counted
 
 
 def mode() -> str:
@@ -164,18 +165,20 @@ def _conv_blocks(cell) -> dict:
     return {name: mod for name, mod in cell.named_modules() if isinstance(mod, ConvBlock)}
 
 
-def _input_shapes(model, batch: int) -> dict:
-    """Each cell ConvBlock's conv input shape at ``batch``, from a run of a weightless copy on the meta device."""
+def _input_shapes(model, batch: int) -> tuple[dict, dict]:
+    """Each cell ConvBlock's conv input shape and output shape at ``batch``, in execution order, from a run of a
+    weightless copy on the meta device."""
     from ldeq_fast.model.layers import Cell
 
     c = model.cfg
     with torch.device("meta"):
         cell = Cell(c)
-        shapes = {}
+        shapes, outputs = {}, {}
 
         def record(name):
             def hook(mod, inp, out):    # returns None: the output is left alone
                 shapes.setdefault(name, tuple(inp[0].shape))
+                outputs.setdefault(name, tuple(out.shape))
             return hook
         hooks = [blk.conv.register_forward_hook(record(name)) for name, blk in _conv_blocks(cell).items()]
         z = torch.empty(model.z_shape(batch))
@@ -183,7 +186,7 @@ def _input_shapes(model, batch: int) -> dict:
         cell(z, x)       # the concatenating path, eager ops: shapes only
     for h in hooks:
         h.remove()
-    return shapes
+    return shapes, outputs
 
 
 def _time(cands: dict, rounds: int) -> dict:
@@ -198,10 +201,42 @@ def _time(cands: dict, rounds: int) -> dict:
     return best
 
 
-def _pick(times: dict, default):
-    """The fastest candidate, unless the default is within MARGIN of it."""
-    fastest = min(times, key=times.get)
-    return default if times[default] <= times[fastest] * (1 + MARGIN) else fastest
+def _layout(choice: str) -> str:
+    """The memory format a choice reads and writes (Winograd works on NCHW)."""
+    return "nhwc" if choice == "nhwc" else "nchw"
+
+
+def _choose(order: list, costs: dict, copy_ms: dict, default, start_copy: float = 0.0) -> dict:
+    """The cheapest choice per block over the whole cell, layout changes included: each block's candidates
+    cost their time per image (a non-default one MARGIN more, so timing noise does not flip it), plus one copy
+    of the previous block's output when the candidate reads the other memory format (the solver hands z in
+    NCHW order, turning it costs ``start_copy``, and takes the heatmaps back in NCHW).  The blocks run in
+    ``order``, so this is a shortest path over (block, output format) states, solved by dynamic programming."""
+    best = {"nchw": (0.0, [])}                         # output format -> (cost, choices so far)
+    prev_copy = start_copy
+    for name in order:
+        nxt = {}
+        for cand, t in costs[name].items():
+            cost_c = t * (1.0 if cand == default else 1.0 + MARGIN)
+            fmt = _layout(cand[0])
+            for state, (total, path) in best.items():
+                total_c = total + cost_c + (prev_copy if state != fmt else 0.0)
+                if fmt not in nxt or total_c < nxt[fmt][0]:
+                    nxt[fmt] = (total_c, path + [(name, cand)])
+        best, prev_copy = nxt, copy_ms[name]
+    final = {f: tot + (prev_copy if f != "nchw" else 0.0) for f, (tot, _) in best.items()}
+    return dict(best[min(final, key=final.get)][1])
+
+
+def _copy_ms(shape: tuple, batch: int) -> float:
+    """ms per image to turn an activation of ``shape`` into the other memory format (both ways, averaged),
+    timed on at most ``batch`` images."""
+    shape = (min(shape[0], batch),) + tuple(shape[1:])
+    a = torch.randn(shape)
+    b = a.contiguous(memory_format=torch.channels_last)
+    times = _timed({"to_nhwc": lambda: a.contiguous(memory_format=torch.channels_last),
+                    "to_nchw": lambda: b.contiguous()})
+    return 1e3 * sum(times.values()) / 2 / shape[0]
 
 
 def _timed(cands: dict) -> dict:
@@ -235,7 +270,7 @@ def measure(model, batch: int) -> CellPlan:
     t_start = time.perf_counter()
     cell = model.deq_layer.cell
     blocks = _conv_blocks(cell)
-    shapes = _input_shapes(model, batch)
+    shapes, out_shapes = _input_shapes(model, batch)
     split = {name: blk for name, blk in blocks.items() if any(blk is s for s in cell.split_blocks())}
     attrs = ("memory_format", "post_add", "conv_algorithm")
     saved = {name: {a: blk.__dict__[a] for a in attrs if a in blk.__dict__} for name, blk in blocks.items()}
@@ -244,7 +279,7 @@ def measure(model, batch: int) -> CellPlan:
     def rand(shape, fmt):
         return torch.randn(shape, generator=gen).contiguous(memory_format=FORMATS[fmt])
 
-    formats, post_add, timings, rejected = {}, {}, {}, {}
+    formats, post_add, timings, rejected, costs, copy_ms = {}, {}, {}, {}, {}, {}
     try:
         for name, blk in blocks.items():
             shape = shapes[name]
@@ -292,13 +327,18 @@ def measure(model, batch: int) -> CellPlan:
                             return blk.epilogue(split_fuse_conv(blk, skip, low))
                         cands[(f, pa)] = run
             times = _timed(cands)
-            f, pa = _pick(times, (DEFAULT_FORMAT, DEFAULT_POST_ADD))
+            costs[name] = {k: 1e3 * v / shape[0] for k, v in times.items()}
+            copy_ms[name] = _copy_ms(out_shapes[name], _timing_batch(blk.conv, shapes[name]))
+            timings[name] = {"timed_batch": shape[0], "copy_ms_per_image": round(copy_ms[name], 3),
+                             **{f"{k[0]}{'+post_add' if k[1] and name in split else ''}": round(1e3 * v, 3)
+                                for k, v in times.items() if name in split or k[1] == DEFAULT_POST_ADD}}
+        order = [name for name in shapes if name in blocks]          # execution order
+        z_copy = _copy_ms(model.z_shape(batch), _timing_batch(cell.tail.conv, shapes["tail"]))
+        timings["z_copy_ms_per_image"] = round(z_copy, 3)
+        for name, (f, pa) in _choose(order, costs, copy_ms, (DEFAULT_FORMAT, DEFAULT_POST_ADD), z_copy).items():
             formats[name] = f
             if name in split:
                 post_add[name] = pa
-            timings[name] = {"timed_batch": shape[0],
-                             **{f"{k[0]}{'+post_add' if k[1] and name in split else ''}": round(1e3 * v, 3)
-                                for k, v in times.items() if name in split or k[1] == DEFAULT_POST_ADD}}
     finally:
         for name, blk in blocks.items():
             for attr in attrs:

@@ -133,3 +133,23 @@ def test_winograd_is_the_convolution():
     conv = torch.nn.Conv2d(4, 4, 5, padding=2)
     assert winograd.supports(conv, 16, 16) and not winograd.supports(conv, 18, 16)
     assert not winograd.supports(torch.nn.Conv2d(4, 4, 3, padding=1), 16, 16)
+
+
+def test_layout_changes_are_counted():
+    """Two blocks a few % faster in the other format are not worth two copies; a block much faster in it is."""
+    d = (cpu_tuning.DEFAULT_FORMAT, cpu_tuning.DEFAULT_POST_ADD)
+    nchw = ("nchw", True)
+    order = ["a", "b", "c"]
+    costs = {"a": {d: 10.0, nchw: 11.0}, "b": {d: 10.0, nchw: 9.0}, "c": {d: 10.0, nchw: 11.0}}
+    pricey = {"a": 3.0, "b": 3.0, "c": 3.0}
+    cheap = {"a": 0.01, "b": 0.01, "c": 0.01}
+    # the heatmaps leave in NCHW: all-NCHW (31, 31.9 with the margin) beats all-NHWC (30 + their copy, 3)
+    assert set(cpu_tuning._choose(order, costs, pricey, d).values()) == {nchw}
+    # z enters in NCHW too: when turning it costs 2, all-NHWC pays that as well
+    assert cpu_tuning._choose(["a"], {"a": {d: 10.0, nchw: 11.0}}, {"a": 0.0}, d, start_copy=2.0) == {"a": nchw}
+    costs["a"][nchw] = costs["c"][nchw] = 20.0
+    got = cpu_tuning._choose(order, costs, pricey, d)
+    assert got == {"a": d, "b": d, "c": d}            # b's 0.7 saving < two copies of 3.0
+    assert cpu_tuning._choose(order, costs, cheap, d)["b"] == nchw
+    # the fixed choice wins a near tie (MARGIN)
+    assert cpu_tuning._choose(["a"], {"a": {d: 10.0, nchw: 9.9}}, {"a": 0.0}, d) == {"a": d}
