@@ -49,7 +49,7 @@ WINOGRAD_MAX_ERROR = 5e-5
 TIMING_FLOPS = 4e9   # at most this much work per timed call (see _timing_batch)
 # a candidate replaces the fixed choice only when it is this much faster (timing noise must not flip it)
 MARGIN = 0.03
-_SCHEMA = 3   # 2: Winograd candidates; 3: layout changes counted
+_SCHEMA = 4   # 2: Winograd candidates; 3: layout changes counted; 4: warm-up before timing
 
 
 def mode() -> str:
@@ -190,8 +190,7 @@ def _input_shapes(model, batch: int) -> tuple[dict, dict]:
 
 
 def _time(cands: dict, rounds: int) -> dict:
-    """Candidates interleaved (A, B, A, B, ...); the best time of each (the first call includes building
-    oneDNN's kernels, which later calls reuse)."""
+    """Candidates interleaved (A, B, A, B, ...); the best time of each."""
     best = {k: float("inf") for k in cands}
     for _ in range(rounds):
         for k, fn in cands.items():
@@ -240,9 +239,12 @@ def _copy_ms(shape: tuple, batch: int) -> float:
 
 
 def _timed(cands: dict) -> dict:
-    """One round of every candidate; cheap ones (< 20 ms) three more rounds (another process's time slice,
-    ~10 ms, must not decide), expensive ones a second round for those within 20% of the best (a clear loser
-    is not timed again)."""
+    """A warm-up call of every candidate (untimed: its first call builds kernels, caches transformed weights
+    and touches fresh memory, and once made Winograd look 4x slower than it runs), then one round; cheap ones
+    (< 20 ms) three more rounds (another process's time slice, ~10 ms, must not decide), expensive ones a
+    second round for those within 20% of the best (a clear loser is not timed again)."""
+    for fn in cands.values():
+        fn()
     times = _time(cands, 1)
     if min(times.values()) < 0.02:
         extra = _time(cands, 3)
