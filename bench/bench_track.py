@@ -3,9 +3,10 @@
 Both sides include decoding the mp4s (PyAV, a background thread per video) and cropping each frame:
 
 * still_batches: frame t of every video, cropped from the generator's per-frame box, one batch of
-  ``--videos`` images through the model (a full solve from zeros per image);
+  ``--videos`` images through the model (a full solve per image from the model's default start: its learned
+  initial state when it has one, zeros otherwise);
 * track_per_frame: Landmarker.track_many over the same files in ``--videos`` slots, boxes from the landmarks,
-  every frame solved from zeros -- the same model work as still_batches, so the ratio is the price of the
+  every frame solved cold from the same start -- the same model work as still_batches, so the ratio is the price of the
   tracking machinery (target >= 0.9x);
 * track_prox: the default tracker (RwR prox, tuned: 2 cell evaluations per frame);
 * track_cli: the whole ``ldeq-fast track`` command with its outputs (annotated mp4, CSV, NPZ) written on

@@ -1,5 +1,6 @@
 """Accuracy of the shipped demo model on the held-out test split its training config evaluates (the README's
-"Synthetic hard test stills" figures): NME, FR@0.1, AUC@0.1 (inter-ocular) and solver iterations.
+"Synthetic hard test stills" figures): NME, FR@0.1, AUC@0.1 (inter-ocular) and solver iterations, as loaded
+(with the learned initial state beside the model when there is one) and, side by side, from zeros.
 
     python bench/eval_demo.py --json bench/results/demo_model_nme_cpu.json
 """
@@ -29,14 +30,22 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     cfg = TrainConfig.from_dict(json.load(open(a.config)))
-    model = load_weights(a.model).to(a.device).eval()
-    data = build_dataset(cfg, a.split, False, model.cfg.im_size)
-    with torch.no_grad():
-        r = evaluate(model, data, cfg.eval_batch_size, a.device)
+    models = {"as_loaded": load_weights(a.model)}
+    if models["as_loaded"].initial_state is not None:
+        models["zeros"] = load_weights(a.model, init=None)
+    data = build_dataset(cfg, a.split, False, models["as_loaded"].cfg.im_size)
+    runs = {}
+    for name, model in models.items():
+        with torch.no_grad():
+            runs[name] = evaluate(model.to(a.device).eval(), data, cfg.eval_batch_size, a.device)
+    r = runs["as_loaded"]
     res = {"machine": machine_info(a.device), "model": os.path.relpath(a.model, ROOT), "config": a.config,
-           "split": a.split, "images": len(data), "difficulty": cfg.synthetic_difficulty, **r}
-    print(f"{res['model']} on {len(data)} {cfg.synthetic_difficulty} synthetic {a.split} stills: "
-          f"NME {100 * r['nme']:.2f}%  FR@0.1 {100 * r['fr']:.2f}%  AUC@0.1 {r['auc']:.3f}  iters {r['iters']:.2f}")
+           "split": a.split, "images": len(data), "difficulty": cfg.synthetic_difficulty,
+           "initial_state": getattr(models["as_loaded"], "initial_state_info", None), **r, "runs": runs}
+    for name, rr in runs.items():
+        print(f"{res['model']} ({name}) on {len(data)} {cfg.synthetic_difficulty} synthetic {a.split} stills: "
+              f"NME {100 * rr['nme']:.2f}%  FR@0.1 {100 * rr['fr']:.2f}%  AUC@0.1 {rr['auc']:.3f}  "
+              f"iters {rr['iters']:.2f}")
     write_json(a.json, res)
     return 0
 

@@ -2,7 +2,8 @@
 
 The torch profiler attributes self time to each op; the convolutions' time is set against the total, for the
 fast path and the reference path (and on CUDA the fast path under bf16 autocast), with the same weights and
-images: on CPU the self time of the convolution ops, on CUDA the device time of the kernels under
+images: on CPU the self time of the convolution ops plus the whole time of the Winograd convolutions the CPU
+plan picked (ldeq_fast/model/winograd.py: GEMMs and tile transforms under one profiler scope), on CUDA the device time of the kernels under
 aten::convolution against the summed device time of all kernel rows (the operator and runtime rows would count
 the same kernels twice more).  The fast path's goal is a forward that is convolutions
 and next to nothing else.
@@ -51,12 +52,18 @@ def profile_forward(model, images, device, autocast_dtype=None) -> dict:
         conv = sum(e.device_time_total for e in events
                    if e.device_type == DeviceType.CPU and e.name == "aten::convolution")
     else:
+        from ldeq_fast.model.winograd import PROFILE_NAME
+
+        winograd = 0.0
         for e in prof.key_averages():
             by_op[e.key] += e.self_cpu_time_total
-        conv = sum(t for k, t in by_op.items() if is_conv(k))
+            if e.key == PROFILE_NAME:   # Winograd convolutions: their GEMMs and tile transforms, inclusive
+                winograd += e.cpu_time_total
+        conv = winograd + sum(t for k, t in by_op.items() if is_conv(k) and k != PROFILE_NAME)
     total = sum(by_op.values())
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
     return {"total_ms": total / 1e3, "conv_ms": conv / 1e3, "conv_share": conv / total if total else None,
+            "winograd_conv_ms": None if cuda else winograd / 1e3,
             "time_rows": "device kernels only" if cuda else "operator self CPU time",
             "iterations": float(out.stats.nstep.float().mean()), "backends": out.backends,
             "top_ops_ms": [(k, t / 1e3) for k, t in top]}

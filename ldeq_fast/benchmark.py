@@ -1,6 +1,6 @@
 """``ldeq-fast bench``: the model on random images, timed on every available path, side by side.
 
-Each path is the same LDEQ weights run a different way.  Paths are interleaved (A, B, A, B, ...) and
+Each path is the same LDEQ weights run a different way (one model instance per path).  Paths are interleaved (A, B, A, B, ...) and
 each figure is the median of the repeats, so drift on a noisy machine hits every path alike.  Peak memory
 (live tensor bytes of one forward; the CUDA allocator's peak on GPU) is taken in an extra, untimed run.
 Every row records the backend each fused op actually ran on (``backends``) and, on CPU, the fast path's
@@ -75,7 +75,7 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
     cfg = LDEQConfig.small() if small else LDEQConfig()
     if max_iters is not None:
         cfg = cfg.replace(max_iters=int(max_iters))
-    model = LDEQ(cfg).to(device).eval()
+    base = LDEQ(cfg).to(device).eval()
     all_paths = available_paths(device)
     paths = DEFAULT_PATHS if paths is None else paths
     unknown = sorted(set(paths) - {p.name for p in all_paths})
@@ -83,6 +83,12 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
         raise ValueError(f"unknown path(s) {unknown}; available: {[p.name for p in all_paths]}")
     all_paths = [p for p in all_paths if p.name in paths or p.name == "reference"]
     runnable = [p for p in all_paths if p.available]
+    # one model per path, the same weights: switching one model between paths re-lays out its weights and
+    # drops the fast path's per-weight caches (NCHW copies, Winograd transforms) before every timed call
+    models = {}
+    for p in runnable:
+        models[p.name] = LDEQ(cfg.replace(**p.config)).to(device).eval()
+        models[p.name].load_state_dict(base.state_dict())
     results = {"machine": machine_info(), "device": str(device), "config": cfg.to_dict(),
                "batch_sizes": list(batch_sizes), "repeats": repeats, "rows": [],
                "skipped": [{"path": p.name, "why": p.why_unavailable} for p in all_paths if not p.available]}
@@ -99,8 +105,7 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
         outs = {}
         for rep in range(repeats + 1):       # rep 0 is a cheap warm-up
             for p in runnable:
-                model.cfg = cfg.replace(**p.config)
-                model.apply_config()   # weight layout changes between paths: not part of the timing
+                model = models[p.name]
                 _sync(device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -116,10 +121,10 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
         for p in runnable:
             out = outs[p.name]
             med = statistics.median(times[p.name])
-            model.cfg = cfg.replace(**p.config)
+            model = models[p.name]
             mem_iters = min(model.cfg.max_iters, max(2, model.cfg.anderson_m))
             with torch.no_grad():  # an extra, untimed forward: memory tracking slows every op on CPU
-                peak = peak_memory_bytes(lambda imgs=images, n=mem_iters: model(imgs, max_iters=n), device)
+                peak = peak_memory_bytes(lambda imgs=images, n=mem_iters, m=model: m(imgs, max_iters=n), device)
             if bar is not None:
                 bar.update(1)
             results["rows"].append({
@@ -134,7 +139,6 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
             })
     if bar is not None:
         bar.close()
-    model.cfg = cfg
     results["fast_path_problems"] = fast_path_problems(results)
     return results
 
