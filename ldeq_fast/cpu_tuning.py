@@ -80,7 +80,8 @@ class CellPlan:
         count = {c: sum(v == c for v in self.formats.values()) for c in CHOICES}
         return {"source": self.source, "measured_batch": self.batch, "nhwc_convs": count["nhwc"],
                 "nchw_convs": count["nchw"], "winograd_convs": count["winograd"],
-                "post_add": sum(self.post_add.values()), "split_convs": len(self.post_add)}
+                "post_add": sum(self.post_add.values()), "split_convs": len(self.post_add),
+                "formats": dict(self.formats), "measure_seconds": round(self.seconds, 2)}
 
     def to_json(self) -> dict:
         return {"formats": self.formats, "post_add": self.post_add, "batch": self.batch,
