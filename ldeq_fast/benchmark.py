@@ -4,7 +4,7 @@ Each path is the same LDEQ weights run a different way (one model instance per p
 each figure is the median of the repeats, so drift on a noisy machine hits every path alike.  Peak memory
 (live tensor bytes of one forward; the CUDA allocator's peak on GPU) is taken in an extra, untimed run.
 Every row records the backend each fused op actually ran on (``backends``) and, on CPU, the fast path's
-measured layout plan (``cpu_plan``, ldeq_fast/cpu_tuning.py: measured at the warm-up run, so not timed);
+measured layout plan (``cpu_plan``, ldeq_fast/model/cpu_tuning.py: measured at the warm-up run, so not timed);
 ``fast_path_problems`` lists the fast rows that ran an op on the PyTorch reference (or a fast path that could
 not run), and the command exits non-zero when there are any.
 

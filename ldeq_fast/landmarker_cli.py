@@ -25,6 +25,18 @@ def _rank_world() -> tuple[int, int]:
     return rank, world
 
 
+def _my_share(command: str, lister, paths: list, what: str) -> tuple[list, list, list, int, int]:
+    """(all input files, their output names, the indices this rank takes, rank, world size)."""
+    rank, world = _rank_world()
+    try:
+        files = lister(paths)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"ldeq-fast {command}: {exc}") from exc
+    if not files:
+        raise SystemExit(f"ldeq-fast {command}: no {what} files found in " + " ".join(paths))
+    return files, output_names(files), list(range(rank, len(files), world)), rank, world
+
+
 def _device(arg):
     if arg:
         return arg
@@ -113,15 +125,7 @@ def cmd_predict(a) -> int:
     from ldeq_fast.images import list_images
     from ldeq_fast.video.io import BackgroundWorker, LandmarkCSV, write_text
 
-    rank, world = _rank_world()
-    try:
-        files = list_images(a.images)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"ldeq-fast predict: {exc}") from exc
-    if not files:
-        raise SystemExit("ldeq-fast predict: no image files found in " + " ".join(a.images))
-    names = output_names(files)
-    mine = list(range(rank, len(files), world))
+    files, names, mine, rank, world = _my_share("predict", list_images, a.images, "image")
     boxes = None
     if a.box and a.boxes:
         raise SystemExit("ldeq-fast predict: give --box or --boxes, not both")
@@ -290,15 +294,7 @@ def cmd_track(a) -> int:
     from ldeq_fast.machine import machine_info
     from ldeq_fast.video.io import BackgroundWorker, list_videos, probe_video, write_text
 
-    rank, world = _rank_world()
-    try:
-        files = list_videos(a.videos)
-    except FileNotFoundError as exc:
-        raise SystemExit(f"ldeq-fast track: {exc}") from exc
-    if not files:
-        raise SystemExit("ldeq-fast track: no video files found in " + " ".join(a.videos))
-    names = output_names(files)
-    mine = list(range(rank, len(files), world))
+    files, names, mine, rank, world = _my_share("track", list_videos, a.videos, "video")
     first_box = parse_box(a.box) if a.box else None
     boxes = [_boxes_for(a.boxes, files[i], len(files)) for i in mine]
     lm = _landmarker(a, mode=a.mode, redetect_every=a.redetect_every)

@@ -9,7 +9,7 @@ from ldeq_fast.ops import cpu_kernels, require_native
 
 # Tests are small; at most the 2-core CI machine's threads keeps timings and results stable.
 torch.set_num_threads(int(os.environ.get("LDEQ_FAST_TEST_THREADS", "2")))
-# the CPU fast path's measured layout plans (ldeq_fast/cpu_tuning.py) go to a cache of this run's own, never
+# the CPU fast path's measured layout plans (ldeq_fast/model/cpu_tuning.py) go to a cache of this run's own, never
 # the user's ~/.cache; child processes inherit it
 os.environ.setdefault("LDEQ_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="ldeq_fast_test_cache_"))
 

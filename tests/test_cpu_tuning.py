@@ -1,4 +1,4 @@
-"""The CPU fast path's measured layout plan (ldeq_fast/cpu_tuning.py): measured once per shape, cached on
+"""The CPU fast path's measured layout plan (ldeq_fast/model/cpu_tuning.py): measured once per shape, cached on
 disk, switchable, recorded, only where it applies, and the same answer whatever it picks."""
 import json
 import warnings
@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import needs_cpp
 
-from ldeq_fast import LDEQ, LDEQConfig, cpu_tuning
+from ldeq_fast import LDEQ, LDEQConfig
+from ldeq_fast.model import cpu_tuning
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), needs_cpp]
 

@@ -204,7 +204,7 @@ def test_fast_cpu_inference_has_no_standalone_activation_adds(monkeypatch):
     """CPU fp32 inference with the fixed layout: every sum over activations rides on another op (the oneDNN
     conv's add post-op, the fused norm's residual), and no cell activation is re-laid out: such a pass costs a
     few percent of the forward each (the profiler sees ops that oneDNN's fallbacks call internally).  (A
-    measured plan, ldeq_fast/cpu_tuning.py, may choose a separate add or a layout change where it timed faster.)"""
+    measured plan, ldeq_fast/model/cpu_tuning.py, may choose a separate add or a layout change where it timed faster.)"""
     from torch.profiler import ProfilerActivity, profile
 
     monkeypatch.setenv("LDEQ_FAST_CPU_TUNING", "off")

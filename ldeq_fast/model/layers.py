@@ -22,7 +22,7 @@ class ConvBlock(nn.Module):
     """
 
     epilogue_backend = "torch"
-    # CPU inference plan (ldeq_fast/cpu_tuning.py), set by LDEQ per solve: the convolution's memory format
+    # CPU inference plan (ldeq_fast/model/cpu_tuning.py), set by LDEQ per solve: the convolution's memory format
     # (None: as its weight and input come, the fixed fast-path layout) and whether a split 1x1 conv may add
     # its partner with oneDNN's post-op
     memory_format = None

@@ -207,8 +207,8 @@ class LDEQ(nn.Module):
 
     def _use_cpu_plan(self, injection: torch.Tensor) -> None:
         """CPU inference on the fast path: each cell convolution's layout and post-op as measured for this
-        machine and batch (ldeq_fast/cpu_tuning.py); elsewhere the fixed choices."""
-        from ldeq_fast import cpu_tuning
+        machine and batch (ldeq_fast/model/cpu_tuning.py); elsewhere the fixed choices."""
+        from ldeq_fast.model import cpu_tuning
 
         plan = cpu_tuning.plan_for(self, injection.shape[0]) if cpu_tuning.applies(self, injection) else None
         if plan is not self.__dict__.get("_cpu_plan"):
@@ -231,7 +231,7 @@ class LDEQ(nn.Module):
                 self._set_epilogue_backend(self.initial_state, b)
             self._epilogue_backend = b
         if not self._reordered_math() and self.__dict__.get("_cpu_plan") is not None:
-            from ldeq_fast import cpu_tuning  # a measured CPU plan is for the fast path only
+            from ldeq_fast.model import cpu_tuning  # a measured CPU plan is for the fast path only
 
             cpu_tuning.apply_plan(self.deq_layer.cell, None)
             self._cpu_plan = None

@@ -5,7 +5,7 @@ computes each 4x4 output tile from an 8x8 input tile with 64 multiplies per (inp
 instead of 400: the transformed input (64, C, tiles) times the transformed weights (64, K, C) is 64 GEMMs
 with 6.25x fewer FLOPs than the direct convolution, plus two small transforms.  Here every step is a dense
 matrix product (each transform as two products over all tiles at once) so MKL runs all of it; whether that beats oneDNN's
-direct convolution depends on the CPU and the shape, so ldeq_fast/cpu_tuning.py measures it per layer
+direct convolution depends on the CPU and the shape, so ldeq_fast/model/cpu_tuning.py measures it per layer
 (and checks its rounding against the direct convolution before it may be chosen).
 
 Interpolation points 0, +-1, +-2, +-1/2 and infinity (the usual choice for F(4, 5)); matrices in float64,
