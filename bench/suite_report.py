@@ -98,8 +98,12 @@ def summary(bundle: str) -> int:
               f"published eager  dkpt {row['max_kpt_diff_px_vs_fast_fp32']:.3f} px")
     for name, s in r.get("streaming_batch1", {}).items():
         print(f"  streaming batch 1 ({name}): {s['ms_per_frame']:.3f} ms/frame, {s['cell_evals_per_frame']} cell evals")
+    for skip in r.get("skipped", []):
+        print(f"  model {skip['path']}: skipped ({skip['why']})")
     r = result("bf16_agreement")
-    if r:
+    if r.get("skipped"):
+        print(f"  bf16 vs fp32 keypoints: skipped ({r['skipped']})")
+    elif r:
         d = r["bf16_vs_fp32_px"]
         print(f"  bf16 vs fp32 keypoints (demo model): mean {d['mean']:.4f}, p99 {d['p99']:.4f}, max {d['max']:.4f} px")
     r = result("solver_kernels")

@@ -154,3 +154,12 @@ def test_layout_changes_are_counted():
     assert cpu_tuning._choose(order, costs, cheap, d)["b"] == nchw
     # the fixed choice wins a near tie (MARGIN)
     assert cpu_tuning._choose(["a"], {"a": {d: 10.0, nchw: 9.9}}, {"a": 0.0}, d) == {"a": d}
+
+
+def test_measuring_the_plan_is_not_recorded_as_what_ran(cache):
+    """The first fast forward measures its plan (candidates, a meta-device shape trace on the reference ops);
+    its record still says only what the forward itself ran."""
+    with torch.no_grad():
+        out = _model()(_images(1))
+    assert out.extra["cpu_plan"]["source"] == "measured"
+    assert set(out.backends.values()) == {"cpp"}, out.backends

@@ -12,10 +12,13 @@ import re
 import subprocess
 import tarfile
 
+from ldeq_fast.numerics import native_bf16
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
 LIMIT_S = 420                     # one command on the GPU machine: <= 7 minutes
 FILES_BACK = 8                    # the GPU machine returns at most 8 files from $OUT
+NATIVE_BF16 = native_bf16("cpu")   # the smoke runs time bf16 rows only where bf16 is native
 
 
 def _run_suite(out_dir, *args, timeout: int = 1500, **env) -> subprocess.CompletedProcess:
@@ -78,12 +81,20 @@ def test_command_1_smoke_run_on_cpu(tmp_path):
     assert steps["env"]["result"]["cuda_extension"].startswith("none")
     assert steps["env"]["result"]["kernels"].startswith(str(ROOT / "kernels"))
     gpu = steps["model_gpu"]["result"]
-    assert {r["path"] for r in gpu["rows"]} >= {"published_eager", "published_eager_bf16", "fast_fp32", "fast_bf16"}
+    bf16 = {"published_eager_bf16", "fast_bf16"}
+    if NATIVE_BF16:
+        assert {r["path"] for r in gpu["rows"]} >= {"published_eager", "fast_fp32"} | bf16
+    else:   # a CPU without native bf16: the bf16 rows are skipped, and said so
+        assert {r["path"] for r in gpu["rows"]} >= {"published_eager", "fast_fp32"}
+        assert {s["path"] for s in gpu["skipped"]} == bf16 and not bf16 & {r["path"] for r in gpu["rows"]}
+        assert "no native bf16" in steps["bf16_agreement"]["result"]["skipped"]
     assert gpu["streaming_batch1"]["eager"]["input_check"].startswith("off")
     assert steps["kernels"]["result"]["passed"] >= 2
     assert steps["gpu_tests"]["result"]["tests"] > 0
     assert steps["profile"]["result"]["paths"]["fast"]["time_rows"] == "operator self CPU time"
-    for line in ("model fast_bf16", "streaming batch 1 (eager)", "bf16 vs fp32 keypoints", "solver kernels (wall clock",
+    bf16_lines = ("model fast_bf16", "bf16 vs fp32 keypoints") if NATIVE_BF16 else (
+        "model fast_bf16: skipped", "bf16 vs fp32 keypoints: skipped")
+    for line in (*bf16_lines, "streaming batch 1 (eager)", "solver kernels (wall clock",
                  "train batch 2:", "profile fast: convolutions", "gpu tests:", "env: no GPU"):
         assert line in proc.stdout, proc.stdout[-4000:]
 
@@ -95,7 +106,8 @@ def test_command_2_smoke_run_on_cpu(tmp_path):
     for name, target in (("compile_cell", "cell"), ("compile_model", "model")):
         c = steps[name]["result"]["compiled"]
         assert c["status"] == "ok" and c["target"] == target and c["compile_s"]["fp32"] > 0, c
-        assert {r["path"] for r in c["rows"]} >= {"published_eager", "reference_compiled_fp32", "fast_bf16"}
+        assert {r["path"] for r in c["rows"]} >= {"published_eager", "reference_compiled_fp32",
+                                                  *(["fast_bf16"] if NATIVE_BF16 else [])}
     assert steps["torchdeq_adapter"]["ok"]
     assert "1.00x compiled reference" in proc.stdout, proc.stdout[-4000:]
 

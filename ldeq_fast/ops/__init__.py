@@ -186,6 +186,18 @@ def recording_backends():
         stack.pop()
 
 
+@contextlib.contextmanager
+def not_recorded():
+    """Ops called inside are not part of what the enclosing ``recording_backends`` report (work beside the
+    forward, such as measuring the CPU plan's candidates)."""
+    stack = _local.__dict__.setdefault("stack", [])
+    _local.stack = []
+    try:
+        yield
+    finally:
+        _local.stack = stack
+
+
 def note(op: str, backend: str) -> None:
     for ran in getattr(_local, "stack", ()):
         have = ran.get(op)
