@@ -33,7 +33,7 @@ HELD_OUT_SEED = 4_000_037   # the accuracy bench's held-out stills
 FIT_SEED = 2_000_003        # fit-init's synthetic faces
 
 
-def face_scale(kpts: torch.Tensor) -> torch.Tensor:
+def nme_normaliser(kpts: torch.Tensor) -> torch.Tensor:
     """(N,) the NME normaliser of keypoints (N, K, 2): the inter-ocular distance for the 98- and 68-point
     layouts, the square root of the keypoint box area otherwise."""
     k = kpts.shape[1]
@@ -46,7 +46,7 @@ def face_scale(kpts: torch.Tensor) -> torch.Tensor:
 
 def distance_to(kpts: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """(N,) mean keypoint distance to ``reference`` over its face scale (an NME against the reference)."""
-    return (kpts - reference).norm(dim=-1).mean(dim=-1) / face_scale(reference).clamp_min(1e-12)
+    return (kpts - reference).norm(dim=-1).mean(dim=-1) / nme_normaliser(reference).clamp_min(1e-12)
 
 
 def setting_for(evals: int, method: str) -> dict:

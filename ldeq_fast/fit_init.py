@@ -28,7 +28,7 @@ from ldeq_fast.accuracy import (
     CONVERGED_ITERS,
     converged_keypoints,
     distance_to,
-    face_scale,
+    nme_normaliser,
     predict,
     setting_for,
 )
@@ -113,7 +113,7 @@ def synthetic_images(n: int, size: int, seed: int, difficulty: str = "hard", pro
 def _nme_to(kp: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Differentiable batch mean of the NME of keypoints against targets (eps keeps the sqrt's gradient finite)."""
     d = ((kp - targets).square().sum(-1) + 1e-12).sqrt().mean(-1)
-    return (d / face_scale(targets).clamp_min(1e-6)).mean()
+    return (d / nme_normaliser(targets).clamp_min(1e-6)).mean()
 
 
 def _loss(m, h, x, targets, cfg: FitConfig, unrolled: bool) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """What machine a measurement was taken on (recorded with every benchmark result)."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
 import torch
 
 
+@functools.lru_cache(maxsize=None)   # read once: the CPU plan's key asks for it at every CPU solve
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as fh:

@@ -9,8 +9,8 @@ import torch
 from ldeq_fast import LDEQ, LDEQConfig
 from ldeq_fast.accuracy import (
     distance_to,
-    face_scale,
     format_accuracy,
+    nme_normaliser,
     plot_accuracy,
     predict,
     recommend,
@@ -57,8 +57,8 @@ def test_distance_is_an_nme_against_the_reference():
     ref = torch.rand(4, 98, 2)
     assert float(distance_to(ref, ref).max()) == 0
     shifted = ref + torch.tensor([0.01, 0.0])
-    torch.testing.assert_close(distance_to(shifted, ref), 0.01 / face_scale(ref))
-    assert face_scale(torch.rand(3, 19, 2)).shape == (3,)      # a layout without inter-ocular indices
+    torch.testing.assert_close(distance_to(shifted, ref), 0.01 / nme_normaliser(ref))
+    assert nme_normaliser(torch.rand(3, 19, 2)).shape == (3,)      # a layout without inter-ocular indices
 
 
 def _fake_result(labels=True):
