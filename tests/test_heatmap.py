@@ -167,6 +167,16 @@ def triton_kernels():
     return hmo.load_triton_kernels("heatmap")
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 6, 9)], ids=lambda s: "x".join(map(str, s)))
+def test_triton_ops_autograd(shape, triton_kernels, nan_empty):
+    """The public ops on backend 'triton' with a graph: values and gradients (to h, a tensor beta, the maps)
+    through the ops' autograd (on CPU tensors: the interpreter path's, the same backward as on CUDA)."""
+    h, beta, grads = _inputs(shape, torch.float32, device=TRITON_DEVICE)
+    got = _grads_of(_head("triton"), h, beta, grads)
+    want = _grads_of(_head_ref, h.double(), beta.double(), grads)
+    _compare(got, want, 1e-5)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 2, 3, 3), (2, 3, 6, 9), (1, 1, 70, 70)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])

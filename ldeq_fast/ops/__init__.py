@@ -9,7 +9,7 @@ place its rules live:
   'torch'  the reference;
   'cpp'    the op on CPU tensors (needs ldeq_fast._C); on other tensors an error;
   'triton' the op on CUDA tensors; on CPU tensors the Triton launchers under TRITON_INTERPRET=1 (the
-           interpreter, for tests: inference only), else an error;
+           interpreter, for tests; differentiable like the CUDA path), else an error;
   'auto'   'cpp' for CPU tensors, 'triton' for CUDA tensors; where that kernel is missing, the reference
            with one warning — or an error when ``LDEQ_FAST_REQUIRE_NATIVE=1`` (CI sets it).
 What ran is recorded: ``recording_backends()`` collects ``{op: backend}`` of every op call inside it.
@@ -159,12 +159,25 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
-def interpreter_call(op: str, *tensors: torch.Tensor | None) -> None:
-    """The Triton interpreter path (CPU tensors, TRITON_INTERPRET=1) calls the launchers directly: inference
-    only."""
-    if not direct_call_ok(*tensors):
-        raise RuntimeError(f"{op}: the Triton interpreter path (CPU tensors) has no autograd; differentiate "
-                           "through backend 'cpp' or 'torch' on CPU, or 'triton' on CUDA")
+def interpreter_autograd(op: str, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """The Triton interpreter path (CPU tensors, TRITON_INTERPRET=1) with autograd.  CPU tensors dispatch to the
+    C++ kernels, so this path calls the Triton launchers directly instead of through the op; to be differentiable
+    the same way as the CUDA path, ``forward`` (the forward launcher) runs inside an autograd.Function with the
+    op's own ``setup_context`` and ``backward`` (given the backward launcher) — what ``register_autograd``
+    registers on the op.  Returns the Function's ``apply``."""
+    fn = type(f"{op}_interpreted", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: forward(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
+
+    def apply(*args):
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"{op}: the Triton interpreter path (CPU tensors) cannot be compiled; compile "
+                               "with backend 'cpp' or 'torch' on CPU, or 'triton' on CUDA")
+        return fn.apply(*args)
+
+    return apply
 
 
 # --------------------------------------------------------------------------------------------------------

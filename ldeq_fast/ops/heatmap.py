@@ -20,7 +20,7 @@ import torch
 from ldeq_fast.ops import (
     define,
     direct_call_ok,
-    interpreter_call,
+    interpreter_autograd,
     load_triton_kernels,
     resolve,
     triton_launcher,
@@ -148,9 +148,14 @@ def _softargmax_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(hmax)
 
 
-def _softargmax_backward(ctx, g_hm, _g_hmax):
-    h, beta, hm, hmax = ctx.saved_tensors
-    return SOFTARGMAX_BACKWARD(g_hm.contiguous(), h, beta, hm, hmax)
+def _softargmax_backward_with(backward_kernel):
+    """The backward of softargmax_heatmaps, running ``backward_kernel`` (the backward op, or its Triton launcher
+    on the interpreter path)."""
+    def backward(ctx, g_hm, _g_hmax):
+        h, beta, hm, hmax = ctx.saved_tensors
+        return backward_kernel(g_hm.contiguous(), h, beta, hm, hmax)
+
+    return backward
 
 
 def _keypoints_setup(ctx, inputs, output):
@@ -160,18 +165,31 @@ def _keypoints_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(mass)
 
 
-def _keypoints_backward(ctx, g_kpts, g_spread, g_published, _g_mass):
-    hm, kpts, spread, published, mass = ctx.saved_tensors
+def _keypoints_backward_with(backward_kernel):
+    """The backward of heatmap_keypoints, running ``backward_kernel`` (the backward op, or its Triton launcher on
+    the interpreter path)."""
+    def backward(ctx, g_kpts, g_spread, g_published, _g_mass):
+        hm, kpts, spread, published, mass = ctx.saved_tensors
 
-    def grad(g, like):  # the gradient of an output that did not reach the loss may arrive as None
-        return torch.zeros_like(like) if g is None else g.to(hm.dtype).contiguous()
+        def grad(g, like):  # the gradient of an output that did not reach the loss may arrive as None
+            return torch.zeros_like(like) if g is None else g.to(hm.dtype).contiguous()
 
-    return KEYPOINTS_BACKWARD(grad(g_kpts, kpts), grad(g_spread, spread), grad(g_published, published), hm, kpts,
-                              spread, published, mass)
+        return backward_kernel(grad(g_kpts, kpts), grad(g_spread, spread), grad(g_published, published), hm, kpts,
+                               spread, published, mass)
+
+    return backward
 
 
-torch.library.register_autograd("ldeq_fast::softargmax_heatmaps", _softargmax_backward, setup_context=_softargmax_setup)
-torch.library.register_autograd("ldeq_fast::heatmap_keypoints", _keypoints_backward, setup_context=_keypoints_setup)
+torch.library.register_autograd("ldeq_fast::softargmax_heatmaps", _softargmax_backward_with(SOFTARGMAX_BACKWARD),
+                                setup_context=_softargmax_setup)
+torch.library.register_autograd("ldeq_fast::heatmap_keypoints", _keypoints_backward_with(KEYPOINTS_BACKWARD),
+                                setup_context=_keypoints_setup)
+_SOFTARGMAX_INTERPRETED = interpreter_autograd(
+    "softargmax_heatmaps", triton_launcher("heatmap", "softargmax_heatmaps"), _softargmax_setup,
+    _softargmax_backward_with(triton_launcher("heatmap", "softargmax_heatmaps_backward")))
+_KEYPOINTS_INTERPRETED = interpreter_autograd(
+    "heatmap_keypoints", triton_launcher("heatmap", "heatmap_keypoints"), _keypoints_setup,
+    _keypoints_backward_with(triton_launcher("heatmap", "heatmap_keypoints_backward")))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -191,10 +209,11 @@ def softargmax_heatmaps(h: _Tensor, beta, *, backend: str | None = None) -> _Ten
     if chosen == "torch":
         return softargmax_heatmaps_ref(h, beta)
     h = h.contiguous()
-    if chosen == "triton" and (h.device.type == "cpu" or direct_call_ok(h, beta_k)):
+    if chosen == "triton":
+        if direct_call_ok(h, beta_k):
+            return load_triton_kernels("heatmap").softargmax_heatmaps(h, beta_k)[0]
         if h.device.type == "cpu":
-            interpreter_call(op, h, beta_k)
-        return load_triton_kernels("heatmap").softargmax_heatmaps(h, beta_k)[0]
+            return _SOFTARGMAX_INTERPRETED(h, beta_k)[0]
     return SOFTARGMAX(h, beta_k)[0]
 
 
@@ -208,8 +227,9 @@ def heatmap_keypoints(hm: _Tensor, *, backend: str | None = None):
     if chosen == "torch":
         return heatmap_keypoints_ref(hm)
     hm = hm.contiguous()
-    if chosen == "triton" and (hm.device.type == "cpu" or direct_call_ok(hm)):
+    if chosen == "triton":
+        if direct_call_ok(hm):
+            return tuple(load_triton_kernels("heatmap").heatmap_keypoints(hm)[:3])
         if hm.device.type == "cpu":
-            interpreter_call(op, hm)
-        return tuple(load_triton_kernels("heatmap").heatmap_keypoints(hm)[:3])
+            return tuple(_KEYPOINTS_INTERPRETED(hm)[:3])
     return tuple(KEYPOINTS(hm)[:3])

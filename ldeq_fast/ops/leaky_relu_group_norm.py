@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ldeq_fast.ops import (
     define,
     direct_call_ok,
-    interpreter_call,
+    interpreter_autograd,
     load_triton_kernels,
     resolve,
     triton_launcher,
@@ -120,13 +120,20 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = BACKWARD(grad_out, x, weight, mean, rstd, ctx.num_groups, ctx.slope)
-    return dx, dw, db, None, None, None, (grad_out if ctx.has_residual else None)
+def _backward_with(backward_kernel):
+    """The backward of the op, running ``backward_kernel`` (the backward op, or its Triton launcher on the
+    interpreter path)."""
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = backward_kernel(grad_out, x, weight, mean, rstd, ctx.num_groups, ctx.slope)
+        return dx, dw, db, None, None, None, (grad_out if ctx.has_residual else None)
+
+    return backward
 
 
-torch.library.register_autograd(f"ldeq_fast::{_OP}", _backward, setup_context=_setup_context)
+torch.library.register_autograd(f"ldeq_fast::{_OP}", _backward_with(BACKWARD), setup_context=_setup_context)
+_INTERPRETED = interpreter_autograd(_OP, triton_launcher(_OP, _OP), _setup_context,
+                                    _backward_with(triton_launcher(_OP, f"{_OP}_backward")))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -157,8 +164,9 @@ def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: to
     if residual is not None:
         residual = _like(residual, x)
     args = (x, weight, bias, int(num_groups), float(eps), float(slope), residual)
-    if chosen == "triton" and (x.device.type == "cpu" or direct_call_ok(x, weight, bias, residual)):
+    if chosen == "triton":
+        if direct_call_ok(x, weight, bias, residual):
+            return load_triton_kernels(_OP).leaky_relu_group_norm(*args)[0]
         if x.device.type == "cpu":
-            interpreter_call(_OP, x, weight, bias, residual)
-        return load_triton_kernels(_OP).leaky_relu_group_norm(*args)[0]
+            return _INTERPRETED(*args)[0]
     return FORWARD(*args)[0]
