@@ -4,6 +4,7 @@ import tempfile
 import pytest
 import torch
 
+import interpreter_child
 from ldeq_fast import _ext
 from ldeq_fast.ops import cpu_kernels, require_native
 
@@ -19,20 +20,37 @@ os.environ.setdefault("LDEQ_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="ldeq_fast_
 needs_cpp = pytest.mark.skipif(not _ext.has_cpp(), reason=f"native extension not built: {_ext.missing_reason()}")
 
 
+def pytest_configure(config):
+    interpreter_child.register(config)  # on CPU the `triton` tests run in one TRITON_INTERPRET=1 child pytest
+
+
 def pytest_sessionstart(session):
+    """Under LDEQ_FAST_REQUIRE_NATIVE=1 (CI) what the fast path needs must be there: the C++ kernels and triton
+    (the CUDA kernels, and on CPU the interpreter run of the Triton tests, which would otherwise all skip)."""
     if require_native():
+        problems = []
         missing = [op for op, ok in cpu_kernels().items() if not ok]
         if missing:
-            raise pytest.UsageError(f"LDEQ_FAST_REQUIRE_NATIVE=1 but the C++ kernels of {missing} are missing: "
-                                    f"{_ext.missing_reason()}")
+            problems.append(f"the C++ kernels of {missing} are missing: {_ext.missing_reason()}")
+        try:
+            import triton  # noqa: F401, PLC0415
+        except Exception as e:  # noqa: BLE001 - any failure to import it is the problem reported
+            problems.append(f"triton cannot be imported: {type(e).__name__}: {e}")
+        if problems:
+            raise pytest.UsageError("LDEQ_FAST_REQUIRE_NATIVE=1 but " + "; ".join(problems))
+
+
+# tests that use one of these fixtures run the Triton kernels; so do tests marked `triton` explicitly (e.g. a
+# `backend` fixture's 'triton' param: pytest.param("triton", marks=pytest.mark.triton))
+TRITON_FIXTURES = ("triton_kernels", "triton_interpret")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: the triton marker is added here
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        # the fused cell ops' Triton tests (fixture triton_kernels) run on CUDA tensors when there is a GPU,
-        # so the GPU suite selects them with -m "gpu or triton"
-        if "triton_kernels" in getattr(item, "fixturenames", ()):
+        # the Triton tests run on CUDA tensors when there is a GPU (the GPU suite selects them with
+        # -m "gpu or triton"), else in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py)
+        if any(f in getattr(item, "fixturenames", ()) for f in TRITON_FIXTURES):
             item.add_marker("triton")
     if torch.cuda.is_available():
         return

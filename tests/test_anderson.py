@@ -4,8 +4,6 @@ C++ tests skip when ldeq_fast._C is not built; Triton tests run the kernels on C
 TRITON_INTERPRET=1 (tiny shapes: the interpreter runs each program in Python).
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,42 +15,19 @@ from ldeq_fast.solvers.reference import anderson_weights_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Triton picks interpreter or GPU compilation when its own library is imported, so the CPU runs of the
-# Triton kernels happen in a child pytest started with TRITON_INTERPRET=1 (test_triton_suite_in_interpreter).
+# Triton picks interpreter or GPU compilation when its own library is imported, so on CPU the Triton tests run
+# in the TRITON_INTERPRET=1 child pytest of tests/interpreter_child.py (one per session, for all files).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process "
-                                       "started by test_triton_suite_in_interpreter")
-
-
-TRITON_TEST_FILES = ("test_anderson.py", "test_fused_solver.py")
-
-
-def run_triton_suite() -> None:
-    """Run the Triton tests of the solver test files in one child pytest with the interpreter on."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", LDEQ_FAST_TEST_THREADS="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "triton",
-           *(os.path.join(here, name) for name in TRITON_TEST_FILES)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0 and " passed" in proc.stdout, f"Triton interpreter suite failed:\n{tail}"
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the child run")
-def test_triton_suite_in_interpreter():
-    """The Triton kernels on CPU, op by op and in whole solves (tests named *triton* in both files)."""
-    run_triton_suite()
 
 
 @pytest.fixture
 def triton_interpret():
     pytest.importorskip("triton")
     if not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child process started by test_triton_suite_in_interpreter")
+        pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py)")
 
 
-@pytest.fixture(params=["cpp", "triton"])
+@pytest.fixture(params=["cpp", pytest.param("triton", marks=pytest.mark.triton)])
 def backend(request):
     if request.param == "cpp":
         if not _ext.has_cpp():

@@ -1,8 +1,8 @@
 """The fused solver engine (ldeq_fast/solvers/fused.py) against the reference solvers, per backend.
 
 'torch' runs the engine on the ops' PyTorch references, 'cpp' on the C++ kernels (skipped if the
-extension is not built), 'triton' on the Triton kernels under TRITON_INTERPRET=1 in a child process (started by
-tests/test_anderson.py::test_triton_suite_in_interpreter), CUDA-device tests only with a GPU.
+extension is not built), 'triton' on the Triton kernels under TRITON_INTERPRET=1 (on CPU, in the child run of tests/interpreter_child.py),
+CUDA-device tests only with a GPU.
 """
 import os
 
@@ -33,15 +33,17 @@ def contractive(B, D, dtype, scale=0.9, seed=0, device="cpu"):
     return f, (W, c)
 
 
-@pytest.fixture(params=["torch-ops", "cpp", "triton"])
+TRITON = pytest.param("triton", marks=pytest.mark.triton)
+
+
+@pytest.fixture(params=["torch-ops", "cpp", TRITON])
 def backend(request):
     if request.param == "cpp" and not _ext.has_cpp():
         pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
     if request.param == "triton":
         pytest.importorskip("triton")
         if not INTERPRETED:
-            pytest.skip("runs in the TRITON_INTERPRET=1 child process started by "
-                        "tests/test_anderson.py::test_triton_suite_in_interpreter")
+            pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py)")
     return {"torch-ops": "torch", "cpp": "cpp", "triton": "triton"}[request.param]
 
 
@@ -96,12 +98,24 @@ CASES = [  # B, D, m, beta, max_iter, tol
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES)
+def _cases(cases, triton_too):
+    """(backend, case, dtype) for every kernel backend; 'triton' (the interpreter is slow) only where
+    ``triton_too(case, dtype)``, so that no Triton case is collected only to be skipped."""
+    out = []
+    for dtype, dname in ((torch.float32, "f32"), (torch.float64, "f64")):
+        for i, case in enumerate(cases):
+            for b in ("torch-ops", "cpp", "triton"):
+                if b != "triton" or triton_too(case, dtype):
+                    out.append(pytest.param(b, case, dtype, id=f"{b}-case{i}-{dname}",
+                                            marks=pytest.mark.triton if b == "triton" else ()))
+    return out
+
+
+# interpreter: the small fp32 cases are enough (fp64 is covered op by op in test_anderson.py)
+@pytest.mark.parametrize("backend,case,dtype", _cases(CASES, lambda c, dt: c[0] <= 3 and c[1] >= 2
+                                                      and dt == torch.float32), indirect=["backend"])
 def test_anderson_matches_reference(backend, case, dtype):
     B, D, m, beta, max_iter, tol = case
-    if backend == "triton" and (B > 3 or D < 2 or dtype == torch.float64):
-        pytest.skip("interpreter: the small fp32 cases are enough (fp64 is covered op by op)")
     if backend == "triton":
         max_iter = min(max_iter, 9)     # interpreter: enough to wrap the ring (m = 6)
     f, _ = contractive(B, D, dtype, seed=B + D)
@@ -112,11 +126,12 @@ def test_anderson_matches_reference(backend, case, dtype):
     _assert_same_solve(z, st, zr, sr, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("damping,stop_mode", [(1.0, "rel"), (0.7, "abs")])
-def test_fpi_matches_reference(backend, damping, stop_mode, dtype):
-    if backend == "triton" and (dtype == torch.float64 or damping == 1.0):
-        pytest.skip("interpreter: one fp32 case is enough")
+# interpreter: one fp32 case is enough
+@pytest.mark.parametrize("backend,case,dtype", _cases([(1.0, "rel"), (0.7, "abs")],
+                                                      lambda c, dt: c[0] != 1.0 and dt == torch.float32),
+                         indirect=["backend"])
+def test_fpi_matches_reference(backend, case, dtype):
+    damping, stop_mode = case
     f, _ = contractive(3, 37, dtype, seed=4)
     z0 = torch.zeros(3, 37, dtype=dtype)
     zr, sr = fixed_point_reference(f, z0, max_iter=25, tol=1e-4, stop_mode=stop_mode, damping=damping)

@@ -151,8 +151,7 @@ def test_torch_backend_is_the_reference():
 
 
 # Triton reads TRITON_INTERPRET when triton itself is imported: on CPU the Triton tests below run in the
-# TRITON_INTERPRET=1 child pytest started by test_leaky_relu_group_norm.py::test_cellops_triton_in_interpreter;
-# with a GPU they run in-process on CUDA tensors.
+# TRITON_INTERPRET=1 child run of tests/interpreter_child.py; with a GPU they run in-process on CUDA tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 
@@ -162,8 +161,7 @@ def triton_kernels():
     if not triton_available():
         pytest.skip("triton is not installed")
     if TRITON_DEVICE == "cpu" and not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child process started by "
-                    "test_leaky_relu_group_norm.py::test_cellops_triton_in_interpreter, or on a GPU")
+        pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py) or on a GPU")
     return hmo.load_triton_kernels("heatmap")
 
 

@@ -4,14 +4,12 @@
 
 Odd and minimal shapes (batch 1, channels not a multiple of the tile, H = W = 1, maps wider than a tile,
 more than one tile per map), both layouts, and every uninitialised tensor NaN-filled so that an element a
-kernel forgets to write fails.  On CPU these run in a TRITON_INTERPRET=1 child process
-(``test_triton_launchers_in_interpreter``); with a GPU they run on CUDA tensors in-process.
+kernel forgets to write fails.  On CPU these run in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py);
+with a GPU they run on CUDA tensors in-process.
 """
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,17 +23,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 
 
-@pytest.mark.skipif(INTERPRETED or not triton_available() or torch.cuda.is_available(),
-                    reason="this is the child run, triton is missing, or the tests run on the GPU in-process")
-def test_triton_launchers_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", LDEQ_FAST_TEST_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "not test_triton_launchers_in_interpreter"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0 and " passed" in proc.stdout and " skipped" not in proc.stdout, tail
-
-
 @pytest.fixture
 def triton_kernels(nan_empty):
     """Loader of the kernel modules, outputs NaN-filled (the fixture's name marks these tests 'triton' for the
@@ -43,7 +30,7 @@ def triton_kernels(nan_empty):
     if not triton_available():
         pytest.skip("triton is not installed")
     if DEVICE == "cpu" and not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child process or on a GPU")
+        pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py) or on a GPU")
     assert torch.empty(4, device=DEVICE).isnan().all()
     return load_triton_kernels
 

@@ -1,8 +1,6 @@
 """Fused LeakyReLU -> GroupNorm (ldeq_fast.ops.leaky_relu_group_norm): every backend against the float64 eager
 composition, values and gradients, both memory formats, odd shapes and group counts."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -174,25 +172,10 @@ def test_torch_backend_is_the_reference():
     assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="torch"), F.group_norm(F.leaky_relu(x, 0.01), G, w, b))
 
 
-# Triton reads TRITON_INTERPRET when triton itself is imported, so on CPU the Triton tests of the cell-op
-# files (this one and test_heatmap.py) and of the numeric policy (test_numerics.py) run in one child pytest
-# started with it set
-# (test_cellops_triton_in_interpreter); with a GPU they run in-process on CUDA tensors.
+# Triton reads TRITON_INTERPRET when triton itself is imported, so on CPU the Triton tests run in the
+# TRITON_INTERPRET=1 child run of tests/interpreter_child.py; with a GPU they run in-process on CUDA tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
-TRITON_TEST_FILES = ("test_leaky_relu_group_norm.py", "test_heatmap.py", "test_numerics.py")
-
-
-@pytest.mark.skipif(INTERPRETED or not triton_available(), reason="this is the child run, or triton is missing")
-def test_cellops_triton_in_interpreter():
-    """The tests named *triton* of the cell-op files, on CPU tensors in a TRITON_INTERPRET=1 child process."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", LDEQ_FAST_TEST_THREADS="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
-           *(os.path.join(here, name) for name in TRITON_TEST_FILES)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0 and " passed" in proc.stdout, f"Triton interpreter run failed:\n{tail}"
 
 
 @pytest.fixture
@@ -200,7 +183,7 @@ def triton_kernels():
     if not triton_available():
         pytest.skip("triton is not installed")
     if TRITON_DEVICE == "cpu" and not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child process (test_cellops_triton_in_interpreter) or on a GPU")
+        pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py) or on a GPU")
     return gn.load_triton_kernels("leaky_relu_group_norm")
 
 

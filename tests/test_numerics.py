@@ -3,7 +3,7 @@
 The DEQ state, the solver's history and its statistics stay float32 under any autocast; a z0 of any float
 dtype is accepted; the cell may compute in bf16.  Checked for every entry point that takes a warm start —
 LDEQ, RwRTracker / run_streams, compat.published.LDEQ, streaming.GraphedForward — on every backend: 'torch',
-'cpp' (here), 'triton' (in the TRITON_INTERPRET=1 child run of test_leaky_relu_group_norm.py on CPU, on CUDA
+'cpp' (here), 'triton' (in the TRITON_INTERPRET=1 child run of tests/interpreter_child.py on CPU, on CUDA
 tensors with a GPU), and the CUDA variants with a GPU.
 
 This CPU may lack native bf16 (then a bf16 autocast runs the model in fp32: see
@@ -36,7 +36,7 @@ def _triton_ok():
     if not triton_available():
         pytest.skip("triton is not installed")
     if TRITON_DEVICE == "cpu" and not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child process (test_cellops_triton_in_interpreter) or on a GPU")
+        pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py) or on a GPU")
 
 
 # (backend, device): every backend on CPU, and the CUDA variants with a GPU
@@ -119,6 +119,7 @@ def test_ldeq_warm_start_under_autocast(backend, device):
     _warm_start_under_autocast(backend, device)
 
 
+@pytest.mark.triton
 def test_triton_ldeq_warm_start_under_autocast():
     _triton_ok()
     _warm_start_under_autocast("triton", TRITON_DEVICE)
