@@ -1,10 +1,10 @@
 import os
 import tempfile
 
+import interpreter_child
 import pytest
 import torch
 
-import interpreter_child
 from ldeq_fast import _ext
 from ldeq_fast.ops import cpu_kernels, require_native
 

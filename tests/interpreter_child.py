@@ -43,15 +43,17 @@ class Parent:
     def __init__(self, config):
         self.config = config
         self.delegated: list = []
+        self.delegated_ids: set[str] = set()
         self.results: dict | None = None   # nodeid -> {"outcome", "message", "duration"}
         self.failure: str | None = None    # why the child run as a whole gave no results
 
     def pytest_collection_finish(self, session):
         self.delegated = [item for item in session.items if delegates(item)]
+        self.delegated_ids = {item.nodeid for item in self.delegated}
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_protocol(self, item, nextitem):
-        if not any(item is d for d in self.delegated):
+        if item.nodeid not in self.delegated_ids:
             return None
         if self.results is None and self.failure is None:
             self._run_child()
