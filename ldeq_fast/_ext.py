@@ -31,4 +31,4 @@ def missing_reason() -> str:
     if IMPORT_ERROR is None:
         return "the extension is loaded"
     return (f"ldeq_fast._C could not be imported ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}); "
-            "rebuild it with `pip install --no-build-isolation -e .` (see README)")
+            "rebuild it with `pip install --no-build-isolation -e .` (see docs/design.md, 'Builds')")
