@@ -29,12 +29,13 @@ import json
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ldeq_fast.notices import warn_once
 
 ENV_MODE = "LDEQ_FAST_CPU_TUNING"
 ENV_CACHE = "LDEQ_FAST_CACHE_DIR"
@@ -371,15 +372,6 @@ def _winograd_error(blk, x: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- disk cache
-_warned_cache: set = set()
-
-
-def _warn_once(what: str, msg: str) -> None:
-    if what not in _warned_cache:
-        _warned_cache.add(what)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
 def _read_cache() -> dict:
     path = cache_file()
     if not path.is_file():
@@ -390,7 +382,7 @@ def _read_cache() -> dict:
             return {}
         return dict(data.get("plans", {}))
     except (OSError, ValueError, AttributeError) as exc:
-        _warn_once("read", f"ldeq_fast: unreadable CPU plan cache {path} ({exc}); measuring again")
+        warn_once("cpu-plan-cache-read", f"ldeq_fast: unreadable CPU plan cache {path} ({exc}); measuring again")
         return {}
 
 
@@ -404,7 +396,7 @@ def _write_cache(digest: str, key: dict, plan: CellPlan) -> None:
         tmp.write_text(json.dumps({"schema": _SCHEMA, "plans": plans}, indent=1))
         os.replace(tmp, path)   # atomic: a reader never sees a torn file; concurrent writers: the last wins
     except OSError as exc:
-        _warn_once("write", f"ldeq_fast: cannot write the CPU plan cache {path} ({exc}); the plan is kept for "
+        warn_once("cpu-plan-cache-write", f"ldeq_fast: cannot write the CPU plan cache {path} ({exc}); the plan is kept for "
                             "this process only")
 
 
