@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 import tarfile
 
 from ldeq_fast.numerics import native_bf16
@@ -136,10 +137,17 @@ def test_unknown_step_fails_like_a_step(tmp_path):
 
 def test_no_step_runs_past_the_command_deadline(tmp_path):
     # a 14 s command: env gets what is left of it (~4 s) and is stopped; profile, with nothing left, is recorded
-    # as not started
-    proc = _run_suite(tmp_path, "1", LDEQ_GPU_STEPS="env profile", LDEQ_COMMAND_BUDGET="14", timeout=120)
+    # as not started.  The env step's interpreter (PYTHON, given the step's script on stdin as `-`) sleeps for
+    # an hour instead, so the step cannot finish inside its budget however fast the machine is; the suite's
+    # own calls (suite_report.py) run the real interpreter.
+    wrapper = tmp_path / "python_env_blocks"
+    wrapper.write_text('#!/bin/bash\nif [ "$1" = - ]; then exec sleep 3600; fi\nexec "%s" "$@"\n' % sys.executable)
+    wrapper.chmod(0o755)
+    out = tmp_path / "out"
+    proc = _run_suite(out, "1", LDEQ_GPU_STEPS="env profile", LDEQ_COMMAND_BUDGET="14", PYTHON=str(wrapper),
+                      timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    steps = _bundle(tmp_path, 1)["steps"]
-    assert steps["env"]["budget_s"] <= 4 and steps["env"]["exit_code"] == 124
+    steps = _bundle(out, 1)["steps"]
+    assert steps["env"]["budget_s"] <= 4 and steps["env"]["exit_code"] == 124, steps["env"]
     assert steps["profile"]["exit_code"] == 125 and steps["profile"]["seconds"] == 0
     assert "NOT STARTED (no time)" in proc.stdout
