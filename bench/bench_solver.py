@@ -268,7 +268,8 @@ def main(argv=None):
              "overhead ms/iter": per_iter[name]["overhead_ms_per_iter"],
              "to tol ms": to_tol[name]["ms"], "f evals to tol": to_tol[name]["f_evals"]} for name in methods]
     print(f"machine: {results['machine'].get('cpu')} | gpu: {results['machine'].get('gpu')} | "
-          f"load: {results['machine'].get('load_average_1_5_15')}")
+          f"load before/after: {results['machine'].get('load_average_before')} / "
+          f"{results['machine'].get('load_average_after')}")
     print(f"B={B} D={D} m={m} device={device.type} fused backend={fused_backend} f={t_f * 1e3:.3g} ms")
     print(table(rows, ["method", "ms/iter", "overhead ms/iter", "to tol ms", "f evals to tol"]))
     print("overhead ratios:", {k: round(v, 2) for k, v in results["overhead_ratio"].items()})

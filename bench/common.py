@@ -17,17 +17,14 @@ import torch
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
-    """CPU model, cores, versions, GPU name, load average at the time of measurement."""
+    """CPU identity and ISA flags, cores, versions, GPU name, the load average now (call it before measuring;
+    write_json adds the load after)."""
     try:
         from ldeq_fast.machine import machine_info as base
         info = base()
     except Exception:  # noqa: BLE001 - the package's helper is optional here
-        info = {"cores": os.cpu_count(), "torch": torch.__version__}
+        info = {"cores": os.cpu_count(), "torch": torch.__version__, "load_average_before": list(os.getloadavg())}
     info["torch_threads"] = torch.get_num_threads()
-    try:
-        info["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        info["load_average_1_5_15"] = None
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(dev)
@@ -75,6 +72,8 @@ def summary(samples: list[float], scale: float = 1.0) -> dict:
 def write_json(path: str | None, payload: dict) -> None:
     if not path:
         return
+    if isinstance(payload.get("machine"), dict) and "load_average_after" not in payload["machine"]:
+        payload["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]  # the measurement's end
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2, default=str)

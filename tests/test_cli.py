@@ -36,7 +36,8 @@ def test_bench_small_runs_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "images/s" in proc.stdout
     res = json.loads(out.read_text())
-    assert res["machine"]["cores"] >= 1 and res["machine"]["torch"]
+    assert res["machine"]["cores"] >= 1 and res["machine"]["torch"] and "isa_flags" in res["machine"]
+    assert {"load_average_before", "load_average_after"} <= set(res["machine"])   # around the measurement
     paths = {r["path"] for r in res["rows"]}
     assert paths == {"reference", "fast"}       # the published-semantics path only on request (--paths)
     rows = {(r["path"], r["batch"]): r for r in res["rows"]}
