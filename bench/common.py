@@ -1,8 +1,8 @@
 """Shared benchmark helpers: machine description, synchronised timing, interleaved repeats, medians,
 JSON output and a plain-text table.  Used by the scripts in bench/; nothing here is specific to one op.
 
-Conventions (see the design notes): methods are interleaved (A, B, C, A, B, C, ...) so drift on a
-noisy machine hits every method alike, each figure is the median of the repeats, and the machine is
+Conventions (see the design notes): methods are interleaved, the order alternating (A, B, C, C, B, A, ...), so
+drift on a noisy machine hits every method alike, each figure is the median of the repeats, and the machine is
 recorded with every result.
 """
 from __future__ import annotations
@@ -51,15 +51,17 @@ def time_once(fn: Callable[[], object], device: str | torch.device = "cpu") -> f
 
 def interleaved(methods: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
                 device: str | torch.device = "cpu") -> dict[str, list[float]]:
-    """Time each method ``repeats`` times, interleaved, after ``warmup`` untimed rounds.
-    Returns {name: [seconds, ...]}."""
+    """Time each method ``repeats`` times, interleaved, after ``warmup`` untimed rounds; the order alternates
+    between rounds (A B C, C B A, A B C, ...) so no method always runs first (cold caches, a just-woken
+    core) or right after the same neighbour.  Returns {name: [seconds, ...]}."""
+    names = list(methods)
     for _ in range(warmup):
         for fn in methods.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            times[name].append(time_once(fn, device))
+    for rep in range(repeats):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            times[name].append(time_once(methods[name], device))
     return times
 
 

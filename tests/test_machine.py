@@ -36,3 +36,15 @@ def test_bench_json_gets_the_load_after_the_measurement(tmp_path, monkeypatch):
     m = json.loads((tmp_path / "r.json").read_text())["machine"]
     assert m["load_average_before"] == [1.5, 1.0, 0.5] and m["load_average_after"] == [7.0, 2.0, 1.0]
     assert "isa_flags" in m and m["cpu_identity"]["vendor"]
+
+
+def test_bench_repeats_alternate_the_order_of_the_methods(monkeypatch):
+    sys.path.insert(0, BENCH)
+    try:
+        import common
+    finally:
+        sys.path.remove(BENCH)
+    calls = []
+    times = common.interleaved({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=4, warmup=1)
+    assert "".join(calls) == "abc" + "abc" + "cba" + "abc" + "cba"     # the warm-up, then alternating rounds
+    assert all(len(v) == 4 for v in times.values())
