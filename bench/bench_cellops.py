@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     info = machine_info(args.device)
     print(f"\nbackend={backend} device={args.device} threads={torch.get_num_threads()} repeats={repeats} "
           f"inner={args.inner} "
-          f"load={info.get('load_average_1_5_15')}")
+          f"load before={info.get('load_average_before')}")
     write_json(args.json, {"machine": info, "backend": backend, "repeats": repeats, "inner": args.inner,
                            "quick": args.quick, "rows": rows, "results": results})
     if bad:

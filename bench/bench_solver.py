@@ -4,7 +4,7 @@
     python bench/bench_solver.py --quick                                       # smoke run, < 30 s
     python bench/bench_solver.py --device cuda --json $OUT/solver_cuda.json    # GPU (Triton kernels)
 
-Measured, methods interleaved, medians of --repeats:
+Measured, methods interleaved (the order alternating between repeats), medians of --repeats:
 * f alone (a cheap elementwise map z -> 0.5 tanh(z) + c, so the solver's own cost dominates);
 * per-iteration time of a fixed number of iterations (tol = 0), and overhead = per-iteration - f;
 * time and f-evaluations to tolerance;
@@ -110,10 +110,10 @@ def per_call_seconds(methods: dict, device, repeats: int) -> tuple[dict, str]:
     if torch.device(device).type == "cuda":
         from triton.testing import do_bench_cudagraph
 
-        times = {name: [] for name in methods}
-        for _ in range(repeats):
-            for name, fn in methods.items():
-                times[name].append(do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e-3)
+        times, names = {name: [] for name in methods}, list(methods)
+        for rep in range(repeats):   # the order alternates between rounds, as in common.interleaved
+            for name in (names if rep % 2 == 0 else names[::-1]):
+                times[name].append(do_bench_cudagraph(methods[name], rep=50, return_mode="median") * 1e-3)
         return times, "CUDA graph replays timed with CUDA events (triton.testing.do_bench_cudagraph), median"
     return interleaved(methods, repeats=repeats, warmup=2, device=device), "wall clock per synchronised call"
 
@@ -268,7 +268,8 @@ def main(argv=None):
              "overhead ms/iter": per_iter[name]["overhead_ms_per_iter"],
              "to tol ms": to_tol[name]["ms"], "f evals to tol": to_tol[name]["f_evals"]} for name in methods]
     print(f"machine: {results['machine'].get('cpu')} | gpu: {results['machine'].get('gpu')} | "
-          f"load: {results['machine'].get('load_average_1_5_15')}")
+          f"load before/after: {results['machine'].get('load_average_before')} / "
+          f"{results['machine'].get('load_average_after')}")
     print(f"B={B} D={D} m={m} device={device.type} fused backend={fused_backend} f={t_f * 1e3:.3g} ms")
     print(table(rows, ["method", "ms/iter", "overhead ms/iter", "to tol ms", "f evals to tol"]))
     print("overhead ratios:", {k: round(v, 2) for k, v in results["overhead_ratio"].items()})

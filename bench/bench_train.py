@@ -125,10 +125,11 @@ def main(argv=None) -> int:
     if a.child:
         print(json.dumps(child(a.child[0], int(a.child[1]), a.small, a.device, a.max_iters)))
         return 0
-    from ldeq_fast.machine import machine_info
+    from ldeq_fast.machine import finish_record, machine_info
 
     batches = [int(b) for b in a.batch.split(",")]
     isolate = a.isolation == "process" or (a.isolation == "auto" and not a.device.startswith("cuda"))
+    machine = machine_info()   # before the measurement; finish_record adds the load after it
     runs: dict = {}
     for rep in range(a.repeats):
         for b in batches:
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
         f["memory_ratio_vs_published"] = f["peak_mb_per_sample"] / ref["peak_mb_per_sample"]
     budget_mb = a.budget_gb * 1024
     fits = {path: _memory_fit(rows, path, budget_mb) for path in PATHS}
-    res = {"machine": machine_info(), "device": a.device, "small": a.small, "max_iters": a.max_iters,
+    res = {"machine": finish_record(machine), "device": a.device, "small": a.small, "max_iters": a.max_iters,
            "repeats": a.repeats, "isolation": "subprocess per measurement" if isolate else "in process",
            "peak_memory": "torch.cuda.max_memory_allocated above the step's start"
            if a.device.startswith("cuda") else "peak live tensor bytes of the step (ldeq_fast.memory)",

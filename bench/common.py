@@ -1,8 +1,8 @@
 """Shared benchmark helpers: machine description, synchronised timing, interleaved repeats, medians,
 JSON output and a plain-text table.  Used by the scripts in bench/; nothing here is specific to one op.
 
-Conventions (see the design notes): methods are interleaved (A, B, C, A, B, C, ...) so drift on a
-noisy machine hits every method alike, each figure is the median of the repeats, and the machine is
+Conventions (see the design notes): methods are interleaved, the order alternating (A, B, C, C, B, A, ...), so
+drift on a noisy machine hits every method alike, each figure is the median of the repeats, and the machine is
 recorded with every result.
 """
 from __future__ import annotations
@@ -17,17 +17,14 @@ import torch
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict:
-    """CPU model, cores, versions, GPU name, load average at the time of measurement."""
+    """CPU identity and ISA flags, cores, versions, GPU name, the load average now (call it before measuring;
+    write_json adds the load after)."""
     try:
         from ldeq_fast.machine import machine_info as base
         info = base()
     except Exception:  # noqa: BLE001 - the package's helper is optional here
-        info = {"cores": os.cpu_count(), "torch": torch.__version__}
+        info = {"cores": os.cpu_count(), "torch": torch.__version__, "load_average_before": list(os.getloadavg())}
     info["torch_threads"] = torch.get_num_threads()
-    try:
-        info["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        info["load_average_1_5_15"] = None
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(dev)
@@ -54,15 +51,17 @@ def time_once(fn: Callable[[], object], device: str | torch.device = "cpu") -> f
 
 def interleaved(methods: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
                 device: str | torch.device = "cpu") -> dict[str, list[float]]:
-    """Time each method ``repeats`` times, interleaved, after ``warmup`` untimed rounds.
-    Returns {name: [seconds, ...]}."""
+    """Time each method ``repeats`` times, interleaved, after ``warmup`` untimed rounds; the order alternates
+    between rounds (A B C, C B A, A B C, ...) so no method always runs first (cold caches, a just-woken
+    core) or right after the same neighbour.  Returns {name: [seconds, ...]}."""
+    names = list(methods)
     for _ in range(warmup):
         for fn in methods.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, fn in methods.items():
-            times[name].append(time_once(fn, device))
+    for rep in range(repeats):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            times[name].append(time_once(methods[name], device))
     return times
 
 
@@ -75,6 +74,8 @@ def summary(samples: list[float], scale: float = 1.0) -> dict:
 def write_json(path: str | None, payload: dict) -> None:
     if not path:
         return
+    if isinstance(payload.get("machine"), dict) and "load_average_after" not in payload["machine"]:
+        payload["machine"]["load_average_after"] = [round(v, 2) for v in os.getloadavg()]  # the measurement's end
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=2, default=str)

@@ -1,5 +1,5 @@
-"""Accuracy of the shipped demo model on the held-out test split its training config evaluates (the README's
-"Synthetic hard test stills" figures): NME, FR@0.1, AUC@0.1 (inter-ocular) and solver iterations, as loaded
+"""Accuracy of the shipped demo model on the held-out test split its training config evaluates (the demo-model
+table of docs/video.md): NME, FR@0.1, AUC@0.1 (inter-ocular) and solver iterations, as loaded
 (with the learned initial state beside the model when there is one) and, side by side, from zeros.
 
     python bench/eval_demo.py --json bench/results/demo_model_nme_cpu.json

@@ -5,8 +5,6 @@ reported (once, as a warning) when a backend that needs it is asked for.
 """
 from __future__ import annotations
 
-import warnings
-
 _C = None
 IMPORT_ERROR: BaseException | None = None
 try:  # the .so registers torch.ops.ldeq_fast.* when imported
@@ -14,21 +12,12 @@ try:  # the .so registers torch.ops.ldeq_fast.* when imported
 except Exception as exc:  # noqa: BLE001 - any failure means "no native backend"
     IMPORT_ERROR = exc
 
-_warned: set[str] = set()
-
-
 def has_cpp() -> bool:
     return _C is not None
-
-
-def warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def missing_reason() -> str:
     if IMPORT_ERROR is None:
         return "the extension is loaded"
     return (f"ldeq_fast._C could not be imported ({type(IMPORT_ERROR).__name__}: {IMPORT_ERROR}); "
-            "rebuild it with `pip install --no-build-isolation -e .` (see README)")
+            "rebuild it with `pip install --no-build-isolation -e .` (see docs/design.md, 'Builds')")

@@ -160,7 +160,7 @@ def run_accuracy(model, images: torch.Tensor, labels: torch.Tensor | None = None
             with torch.no_grad():   # the init's own keypoints (no cell evaluation)
                 x = torch.cat([model.injection(images[i:i + batch].to(next(model.parameters()).device)).cpu()
                                for i in range(0, n, batch)])
-                kp0 = model.keypoints_from_heatmaps(model.heatmaps_from_z(model.initial_z0(x)))[0].float()
+                kp0 = model.read_out(model.initial_z0(x)).keypoints.float()
             res["init_alone"] = {"cost_evals": cost["ratio"], "vs_converged": float(distance_to(kp0, conv).mean())}
             if labels is not None:
                 res["init_alone"]["nme"] = float(metrics.nme_per_image(kp0, labels).mean())

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ldeq_fast.config import LDEQConfig
-from ldeq_fast.machine import machine_info
+from ldeq_fast.machine import finish_record, machine_info
 from ldeq_fast.memory import peak_memory_bytes
 from ldeq_fast.model.ldeq import LDEQ
 
@@ -140,6 +140,7 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
     if bar is not None:
         bar.close()
     results["fast_path_problems"] = fast_path_problems(results)
+    finish_record(results["machine"])
     return results
 
 

@@ -17,6 +17,7 @@ STOP_MODES = ("rel", "abs")
 MODEL_MODES = ("implicit", "explicit")
 CELL_NORMS = ("softargmax", "linear", "none")
 SEMANTICS = ("per_sample", "published")
+BACKENDS = ("auto", "torch", "triton", "cpp")   # their rules: ldeq_fast.ops.resolve
 LAM_MODES = ("scaled", "absolute")
 GRAD_MODES = ("ift", "phantom", "jfb")
 
@@ -182,7 +183,7 @@ class LDEQConfig:
         check(self.solver_semantics in SEMANTICS, f"solver_semantics must be one of {SEMANTICS}")
         check(self.lam_mode in LAM_MODES, f"lam_mode must be one of {LAM_MODES}")
         check(self.grad_mode in GRAD_MODES, f"grad_mode must be one of {GRAD_MODES}")
-        check(self.backend in ("auto", "torch", "triton", "cpp"), "backend must be auto|torch|triton|cpp")
+        check(self.backend in BACKENDS, f"backend must be one of {BACKENDS}")
         check(self.softargmax_beta > 0, "softargmax_beta must be > 0")
         check(self.rel_tol >= 0 and self.abs_tol >= 0, "tolerances must be >= 0")
         check(self.check_every >= 0, "check_every must be >= 0")

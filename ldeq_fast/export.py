@@ -21,37 +21,29 @@ import warnings
 import torch
 from torch import nn
 
-from ldeq_fast.ops.heatmap import heatmap_keypoints_ref, softargmax_heatmaps_ref
-
 DEFAULT_OPSET = 18
 UNCERTAINTY = ("spread", "published")
 
 
 class UnrolledLDEQ(nn.Module):
-    """The exported computation: ``iters`` fixed-point steps (+ the extra step), then keypoints.  The start is
-    the model's learned initial state when one is attached (an export is for inference), zeros otherwise."""
+    """The exported computation, composed of the model's stages: ``injection`` -> ``initial_z0`` (the learned
+    initial state when one is attached: an export is for inference; zeros otherwise) -> ``iters`` cell
+    evaluations (+ the extra step) unrolled -> ``read_out``."""
 
     def __init__(self, model: nn.Module, iters: int, extra_step: bool, uncertainty: str = "spread"):
         super().__init__()
-        self.tail, self.cell, self.cfg = model.tail, model.deq_layer.cell, model.cfg
+        self.model = model
+        # the learned initial state is attached to the model, not registered in it: registered here, so its
+        # weights are the exported graph's parameters rather than constants
         self.initial_state = getattr(model, "initial_state", None)
         self.steps = iters + int(extra_step)
         self.published_uncertainty = uncertainty == "published"
 
     def forward(self, images: torch.Tensor):
-        c = self.cfg
-        injection = self.tail(images)
-        if self.initial_state is not None:
-            z = self.initial_state(injection)
-        else:
-            z = injection.new_zeros(images.shape[0], c.z_width, c.heatmap_size, c.heatmap_size)
-        for _ in range(self.steps):
-            z = self.cell(z, injection)
-        heat = z[:, : c.n_keypoints]
-        if c.cell_norm == "none":
-            heat = softargmax_heatmaps_ref(heat, c.softargmax_beta)
-        keypoints, spread, published = heatmap_keypoints_ref(heat)
-        return keypoints, published if self.published_uncertainty else spread
+        m = self.model
+        z, _ = m.solve(m.injection(images), mode="explicit", max_iters=self.steps)
+        out = m.read_out(z)
+        return out.keypoints, out.uncertainty_published if self.published_uncertainty else out.uncertainty
 
 
 def export_plan(model, iters: int | None = None, solver: str | None = None) -> dict:

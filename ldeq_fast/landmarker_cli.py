@@ -291,7 +291,7 @@ def cmd_track(a) -> int:
 
     from ldeq_fast.detect import parse_box
     from ldeq_fast.landmarker import VideoEnd
-    from ldeq_fast.machine import machine_info
+    from ldeq_fast.machine import finish_record, machine_info
     from ldeq_fast.video.io import BackgroundWorker, list_videos, probe_video, write_text
 
     files, names, mine, rank, world = _my_share("track", list_videos, a.videos, "video")
@@ -300,6 +300,7 @@ def cmd_track(a) -> int:
     lm = _landmarker(a, mode=a.mode, redetect_every=a.redetect_every)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()   # before the measurement; finish_record adds the load after it
     infos = [probe_video(files[i]) for i in mine]
     total = sum((inf or {}).get("frames") or 0 for inf in infos) or None
     run = {"model": str(lm.model_name), "mode": a.mode, "tracker": asdict(lm.tracker_cfg), "detector": lm.detector_name,
@@ -339,7 +340,7 @@ def cmd_track(a) -> int:
     seconds = time.perf_counter() - t0
     done = [s for s in summaries if s is not None]
     face = [s for s in done if s["frames_with_face"]]
-    report = {"machine": machine_info(), "rank": rank, "world_size": world, "videos": done,
+    report = {"machine": finish_record(machine), "rank": rank, "world_size": world, "videos": done,
               "frames": frames, "seconds": seconds, "frames_per_s": frames / seconds if seconds > 0 else None,
               "cell_evals_per_frame": (float(np.average([s["cell_evals_per_frame"] for s in face],
                                                          weights=[s["frames_with_face"] for s in face]))

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import warnings
 
 import torch
+
+from ldeq_fast.notices import warn_once
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,9 +52,6 @@ def native_bf16(device_type: str) -> bool:
     return False
 
 
-_warned: set = set()
-
-
 def cpu_bf16_guard(device_type: str):
     """A context for the model's forward on ``device_type``: under a CPU bf16 autocast on a CPU without native
     bf16, autocast is disabled inside (fp32, with one warning); otherwise nothing changes."""
@@ -61,9 +59,7 @@ def cpu_bf16_guard(device_type: str):
             or torch.get_autocast_dtype("cpu") != torch.bfloat16 or native_bf16("cpu")
             or os.environ.get("LDEQ_FAST_ALLOW_SLOW_BF16") == "1"):
         return contextlib.nullcontext()
-    if "cpu-bf16" not in _warned:
-        _warned.add("cpu-bf16")
-        warnings.warn("ldeq_fast: this CPU has no native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is "
+    warn_once("cpu-bf16", "ldeq_fast: this CPU has no native bf16 (torch.ops.mkldnn._is_mkldnn_bf16_supported() is "
                       "False), where a bf16 convolution is ~200x slower than fp32: the model runs in fp32 under "
-                      "this bf16 autocast", RuntimeWarning, stacklevel=3)
+              "this bf16 autocast")
     return torch.autocast("cpu", enabled=False)

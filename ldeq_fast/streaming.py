@@ -74,7 +74,7 @@ class GraphedForward:
             raise ValueError(f"GraphedForward was built for images of shape {tuple(self.images.shape)}, "
                              f"got {tuple(images.shape)}")
         if check:
-            self.model._check_inputs(images, z0)
+            self.model.check_inputs(images, z0)
         elif z0 is not None and tuple(z0.shape) != tuple(self.z0.shape):
             raise ValueError(f"z0 must have shape {tuple(self.z0.shape)}, got {tuple(z0.shape)}")
         self.images.copy_(images)

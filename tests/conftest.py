@@ -13,6 +13,10 @@ torch.set_num_threads(int(os.environ.get("LDEQ_FAST_TEST_THREADS", "2")))
 # the CPU fast path's measured layout plans (ldeq_fast/model/cpu_tuning.py) go to a cache of this run's own, never
 # the user's ~/.cache; child processes inherit it
 os.environ.setdefault("LDEQ_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="ldeq_fast_test_cache_"))
+# and outside tests/test_cpu_tuning.py (which measures plans into a cache of each test's own) the fast path runs
+# its fixed layouts: a measured plan is chosen by timings and would be shared by every later test, so a test's
+# numbers would hang on the machine's load and on which test ran first
+os.environ.setdefault("LDEQ_FAST_CPU_TUNING", "off")
 
 
 # tests of the fused C++ ops / the fast path on CPU: `from conftest import needs_cpp`, then `@needs_cpp`.  Under

@@ -163,3 +163,79 @@ def test_measuring_the_plan_is_not_recorded_as_what_ran(cache):
         out = _model()(_images(1))
     assert out.extra["cpu_plan"]["source"] == "measured"
     assert set(out.backends.values()) == {"cpp"}, out.backends
+
+
+# ------------------------------------------------------------------------------- what a plan is keyed by
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+stepping\t: 1
+flags\t\t: fpu sse2 avx fma avx2 sha_ni
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+flags\t\t: avx512f amx_tile
+"""
+
+
+def test_cpu_identity_reads_the_first_processor(tmp_path):
+    from ldeq_fast.machine import cpu_identity
+
+    f = tmp_path / "cpuinfo"
+    f.write_text(CPUINFO)
+    assert cpu_identity(str(f)) == {"vendor": "AuthenticAMD", "family": "25", "model": "1", "stepping": "1",
+                                    "model_name": "AMD EPYC 7B13", "isa": ["avx2", "fma"]}
+    assert cpu_identity(str(tmp_path / "none"))["isa"] is None      # no cpuinfo: flags unknown, not "none"
+
+
+def test_plan_key_holds_the_full_cpu_identity_and_a_new_one_is_measured_again(cache, monkeypatch):
+    import re
+
+    from ldeq_fast import machine
+
+    model = _model()
+    key = cpu_tuning.plan_key(model, 1)
+    assert key["cpu"] == machine.cpu_identity() and {"vendor", "family", "model", "stepping"} <= set(key["cpu"])
+    assert key["threads"] == torch.get_num_threads()
+    onednn = re.search(r"(?:MKL-DNN|oneDNN) v(\S+)", torch.__config__.show())
+    assert key["onednn"] == (onednn.group(1) if onednn else "") and key["torch"] == torch.__version__
+    with torch.no_grad():
+        assert model(_images(1)).extra["cpu_plan"]["source"] == "measured"
+        cpu_tuning.clear_memory()
+        assert model(_images(1)).extra["cpu_plan"]["source"] == "cache"
+        # the same model name on another stepping, or without AMX: not this machine's plan
+        for change in ({"stepping": "99"}, {"isa": ["avx2"]}):
+            other = {**machine.cpu_identity(), **change}
+            monkeypatch.setattr(machine, "cpu_identity", lambda other=other: other)
+            cpu_tuning.clear_memory()
+            assert model(_images(1)).extra["cpu_plan"]["source"] == "measured", change
+    assert len(json.loads(cache.read_text())["plans"]) == 3
+
+
+def test_winograd_is_admitted_per_conv_by_its_rounding_on_a_face(cache, monkeypatch):
+    model = _model()
+    cell = model.deq_layer.cell
+    fives = [n for n, b in cpu_tuning._conv_blocks(cell).items() if b.conv.kernel_size == (5, 5)]
+    with torch.no_grad():
+        faces = cpu_tuning._face_activations(model, fives)
+        errors = {n: cpu_tuning._winograd_error(cell.get_submodule(n), faces[n]) for n in fives}
+    cpu_tuning.apply_plan(cell, None)
+    seen = {}
+    judge = cpu_tuning._winograd_error
+
+    def spy(blk, x):
+        seen[next(n for n in fives if cell.get_submodule(n) is blk)] = x
+        return judge(blk, x)
+    monkeypatch.setattr(cpu_tuning, "_winograd_error", spy)
+    # a threshold between the convs' errors: those above it are rejected, each by name, the others stay
+    cut = sorted(errors.values())[len(errors) // 2]
+    monkeypatch.setattr(cpu_tuning, "WINOGRAD_MAX_ERROR", cut)
+    plan = cpu_tuning.measure(model, 1)
+    assert set(seen) == set(fives)
+    for n in fives:   # judged on the conv's input when the model sees a face, not on noise
+        torch.testing.assert_close(seen[n], faces[n], rtol=0, atol=0)
+    rejected = plan.timings_ms.get("rejected", {})
+    assert set(rejected) == {n for n in fives if errors[n] > cut} != set()
+    assert all(plan.formats[n] != "winograd" for n in rejected)

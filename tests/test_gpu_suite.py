@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import subprocess
+import sys
 import tarfile
 
 from ldeq_fast.numerics import native_bf16
@@ -112,19 +113,33 @@ def test_command_2_smoke_run_on_cpu(tmp_path):
     assert "1.00x compiled reference" in proc.stdout, proc.stdout[-4000:]
 
 
+def _python_that_blocks(folder, condition: str) -> str:
+    """An interpreter for the suite's PYTHON that, for the calls matching the bash test ``condition``, runs a
+    Python that sleeps an hour (so the step cannot finish inside its budget however fast the machine is, and a
+    SIGINT ends it with a KeyboardInterrupt), and otherwise the real one (the suite's own suite_report.py)."""
+    wrapper = folder / "python_that_blocks"
+    wrapper.write_text(f'#!/bin/bash\nif {condition}; then exec "{sys.executable}" -c "import time; time.sleep(3600)"; '
+                       f'fi\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
 def test_a_step_stopped_part_way_leaves_the_others(tmp_path):
     # train is stopped 10 s in (SIGINT, as at its budget on the GPU); the steps before and after it still run
     # and their results are in the bundle, and the command fails
-    proc = _run_suite(tmp_path, "1", LDEQ_GPU_STEPS="env train profile", LDEQ_STEP_TIMEOUT_train="10", timeout=900)
+    python = _python_that_blocks(tmp_path, '[[ "$1" == */bench_train.py ]]')
+    out = tmp_path / "out"
+    proc = _run_suite(out, "1", LDEQ_GPU_STEPS="env train profile", LDEQ_STEP_TIMEOUT_train="10", PYTHON=python,
+                      timeout=900)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    steps = _bundle(tmp_path, 1)["steps"]
+    steps = _bundle(out, 1)["steps"]
     assert list(steps) == ["env", "train", "profile"]
     train = steps["train"]
     assert train["exit_code"] == 124 and train["stopped_at_budget"] and "KeyboardInterrupt" in train["log_tail"]
     assert steps["env"]["ok"] and steps["env"]["result"]["kernels"]
     assert steps["profile"]["ok"] and steps["profile"]["result"]["paths"]["fast"]["conv_share"] > 0
     assert "STOPPED at budget" in proc.stdout
-    _check_outputs_fit(tmp_path)
+    _check_outputs_fit(out)
 
 
 def test_unknown_step_fails_like_a_step(tmp_path):
@@ -136,10 +151,13 @@ def test_unknown_step_fails_like_a_step(tmp_path):
 
 def test_no_step_runs_past_the_command_deadline(tmp_path):
     # a 14 s command: env gets what is left of it (~4 s) and is stopped; profile, with nothing left, is recorded
-    # as not started
-    proc = _run_suite(tmp_path, "1", LDEQ_GPU_STEPS="env profile", LDEQ_COMMAND_BUDGET="14", timeout=120)
+    # as not started.  The env step (its script on stdin, `-`) cannot finish inside its budget on any machine.
+    python = _python_that_blocks(tmp_path, '[ "$1" = - ]')
+    out = tmp_path / "out"
+    proc = _run_suite(out, "1", LDEQ_GPU_STEPS="env profile", LDEQ_COMMAND_BUDGET="14", PYTHON=python,
+                      timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    steps = _bundle(tmp_path, 1)["steps"]
-    assert steps["env"]["budget_s"] <= 4 and steps["env"]["exit_code"] == 124
+    steps = _bundle(out, 1)["steps"]
+    assert steps["env"]["budget_s"] <= 4 and steps["env"]["exit_code"] == 124, steps["env"]
     assert steps["profile"]["exit_code"] == 125 and steps["profile"]["seconds"] == 0
     assert "NOT STARTED (no time)" in proc.stdout

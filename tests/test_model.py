@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import pathlib
 
@@ -227,11 +228,20 @@ def test_fast_cpu_inference_has_no_standalone_activation_adds(monkeypatch):
 
 
 def test_torch_compile_of_the_model_runs_on_cpu():
+    # The compiled model is one more fp32 rounding order of the same function.  Random weights and 3 Anderson
+    # steps amplify rounding (~1e-4 on keypoints), so the bound is the eager fp32 paths' own distance from the
+    # fp64 answer: compiled may be at most 2x as far from fp64 as the worse of them, plus a few fp32 ulps.
     cfg = LDEQConfig.small(backend="auto", max_iters=3)
     torch.manual_seed(0)
     model = LDEQ(cfg).eval()
     x = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
-        want = model(x)
-        got = torch.compile(model)(x)
-    torch.testing.assert_close(got.keypoints, want.keypoints, atol=1e-4, rtol=0)
+        want = model(x).keypoints
+        got = torch.compile(model)(x).keypoints
+        ref = LDEQ(dataclasses.replace(cfg, backend="torch")).eval()
+        ref.load_state_dict(model.state_dict())
+        eager_torch = ref(x).keypoints
+        exact = ref.double()(x.double()).keypoints
+    fp32_err = max((want.double() - exact).abs().max(), (eager_torch.double() - exact).abs().max()).item()
+    err = (got.double() - exact).abs().max().item()
+    assert err <= 2 * fp32_err + 1e-6, (err, fp32_err)

@@ -1,5 +1,5 @@
 """Bad model inputs get an error naming the problem; images of another float dtype are cast (documented in
-LDEQ._check_inputs) and give the fp32 answer."""
+LDEQ.check_inputs) and give the fp32 answer."""
 import re
 
 import pytest
@@ -30,7 +30,7 @@ def test_other_float_dtypes_are_cast_to_the_model_dtype(model, images, dtype):
         got = model(given)
     assert got.keypoints.dtype == torch.float32
     torch.testing.assert_close(got.keypoints, want.keypoints, rtol=0, atol=0)
-    assert model._check_inputs(given, None).dtype == torch.float32
+    assert model.check_inputs(given, None).dtype == torch.float32
 
 
 def test_0_255_images_are_refused(model, images):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import needs_cpp, tiny_config
 
-from ldeq_fast import LDEQ, numerics
+from ldeq_fast import LDEQ, notices, numerics
 from ldeq_fast.ops import triton_available
 from ldeq_fast.solvers import solve
 
@@ -199,7 +199,7 @@ def test_cpu_without_native_bf16_runs_fp32_with_a_warning(monkeypatch):
     """On a CPU without native bf16 a bf16 autocast forward runs fp32 (same answer as fp32) and says so once."""
     monkeypatch.delenv("LDEQ_FAST_ALLOW_SLOW_BF16")
     monkeypatch.setattr(numerics, "native_bf16", lambda device_type: False)
-    monkeypatch.setattr(numerics, "_warned", set())
+    monkeypatch.setattr(notices, "_said", set())
     model = _model("torch", "cpu")
     x = _images(model, 2, "cpu")
     with torch.no_grad():

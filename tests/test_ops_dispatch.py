@@ -141,9 +141,21 @@ def test_ci_switch_fails_the_test_run_when_the_extension_is_missing():
     assert proc.returncode != 0 and "no C++ kernel" in proc.stderr and "hidden by tests" in proc.stderr
 
 
-def test_ci_runs_with_the_switch():
-    with open(os.path.join(REPO, ".ci", "run")) as fh:
-        assert "export LDEQ_FAST_REQUIRE_NATIVE=1" in fh.read()
+def test_ci_runs_the_readme_command_with_the_switch(tmp_path):
+    """.ci/run on a copy of the README whose test command is replaced by a probe: the probe is what runs, it
+    sees LDEQ_FAST_REQUIRE_NATIVE=1, and its failure is CI's failure."""
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "run").write_bytes(open(os.path.join(REPO, ".ci", "run"), "rb").read())
+    lines = open(os.path.join(REPO, "README.md")).read().splitlines()
+    at = lines.index("<!-- test-command -->") + 2        # the marker, the code fence, then the command
+    real = lines[at]
+    lines[at] = 'echo "probe ran, native=${LDEQ_FAST_REQUIRE_NATIVE:-unset}"; exit 3'
+    (tmp_path / "README.md").write_text("\n".join(lines) + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "LDEQ_FAST_REQUIRE_NATIVE"}
+    proc = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 3 and "probe ran, native=1" in proc.stdout, (proc.stdout, proc.stderr)
+    assert "pytest" in real and "tests" in real, real     # the real README's slot holds the test command
 
 
 def test_no_warning_on_the_fast_path_when_the_kernels_exist():

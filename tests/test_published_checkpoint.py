@@ -145,3 +145,47 @@ def test_a_training_checkpoint_is_not_a_published_one(tmp_path):
             r"run's exported model\.pt with ldeq_fast\.model\.load_weights \(written when training finishes\), or "
             r"resume training from it")):
         load_published(tmp_path / "run" / "last.pt")
+
+
+def test_load_published_names_what_it_was_given(tmp_path):
+    """One message naming the file's kind and what loads it, for each thing that is not a published checkpoint."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ldeq_fast.model import save_weights
+    from ldeq_fast.model.init_state import InitialState, save_initial_state
+
+    torch.manual_seed(0)
+    model = LDEQ(LDEQConfig.small(backend="torch")).eval()
+    c = model.cfg
+
+    weights, cfg_json = save_weights(model, tmp_path, "model")
+    with pytest.raises(CheckpointError, match=r"model\.pt is an ldeq_fast weights file .*model\.json\), not a "
+                                              r"published LDEQ checkpoint: load it with ldeq_fast\.model\.load_weights"):
+        load_published(weights)
+    os.remove(cfg_json)
+    with pytest.raises(CheckpointError, match=r"is a bare state_dict of \d+ tensors .*'tail\.0\.conv\.weight'.* "
+                                              r"model\.json beside them for ldeq_fast\.model\.load_weights"):
+        load_published(weights)
+
+    init = save_initial_state(InitialState(c.injection_width, c.z_width, c.heatmap_size), tmp_path / "m.init.pt",
+                              model)
+    with pytest.raises(CheckpointError, match=r"m\.init\.pt is a learned initial state .*not a model\), not a "
+                                              r"published LDEQ checkpoint: load the model itself"):
+        load_published(init)
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    proto = helper.make_model(graph, producer_name="pytorch")
+    for name in ("landmarks.onnx", "landmarks.bin"):     # by its name, and by its content under another name
+        onnx.save(proto, str(tmp_path / name))
+        with pytest.raises(CheckpointError, match=rf"{name} is an ONNX export of a model .*, not a published LDEQ "
+                                                  r"checkpoint: run it with onnxruntime"):
+            load_published(tmp_path / name)
+
+    for obj, what in (([1, 2], r"is a list"), ({"foo": 1}, r"is a dict with keys \['foo'\]"),
+                      ({"state_dict": {}}, r"is a dict with 'state_dict' but no 'args'")):
+        torch.save(obj, tmp_path / "other.pt")
+        with pytest.raises(CheckpointError, match=rf"other\.pt {what}.*, not a published LDEQ checkpoint: "):
+            load_published(tmp_path / "other.pt")

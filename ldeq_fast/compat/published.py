@@ -33,7 +33,7 @@ from ldeq_fast.model.published import (
     published_args_to_config,
     read_checkpoint,
 )
-from ldeq_fast.ops.heatmap import heatmap_keypoints_ref, softargmax_heatmaps_ref
+from ldeq_fast.ops.heatmap import heatmap_keypoints_ref
 from ldeq_fast.solvers.published import anderson_published, fixed_point_published
 
 __all__ = ["root_solver", "LDEQ", "weights_init", "load_checkpoint"]
@@ -245,7 +245,7 @@ class LDEQ(_LDEQ):
             if z0.numel() != math.prod(zs):
                 raise ValueError(f"z0 must have shape {zs} (or its (B, D, 1) view), got {tuple(z0.shape)}")
             z0 = z0.reshape(zs)
-        x = self._check_inputs(x, z0)
+        x = self.check_inputs(x, z0)
         fast = self.fast or getattr(args, "ldeq_fast_semantics", "published") == "per_sample"
         if fast and save_trajectory and mode == "implicit":
             raise ValueError("save_trajectory needs the published solver semantics (fast=False): the per-sample "
@@ -269,9 +269,6 @@ class LDEQ(_LDEQ):
             z, logs, self.last_stats = self._implicit_fast(f, z0, args)
         else:
             z, logs, trajectory, self.last_stats = self._implicit_published(f, z0, args, save_trajectory)
-        heat = z[:, : self.cfg.n_keypoints]
-        if self.cfg.cell_norm == "none":  # the published model normalises raw cell features here
-            heat = softargmax_heatmaps_ref(heat, self.cfg.softargmax_beta)
-        keypoints, _, uncertainty = heatmap_keypoints_ref(heat)
+        keypoints, _, uncertainty = heatmap_keypoints_ref(self.heatmaps_from_z(z))
         return {"keypoints": keypoints, "uncertainty": uncertainty, "fwd_logs": logs, "z_star": z.detach(),
                 "trajectory": trajectory}

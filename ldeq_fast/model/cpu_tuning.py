@@ -9,12 +9,13 @@ each activation's memory format, and runs the cheapest combination over the whol
 layout change costs a copy; ignoring them once made the copies 13% of the fast path at batch 8).
 
 * When: at the first solve of a (model shape, batch bucket) in a process; the plan is cached on disk
-  (``$LDEQ_FAST_CACHE_DIR`` or ``~/.cache/ldeq_fast/cpu_plans.json``), keyed by CPU model, torch and oneDNN
-  versions, thread count, the cell's widths and resolution, and the batch bucket (1, 2-3, 4-7, 8+:
-  measured at 1, 2, 4, 8).  A published-size cell at batch 8 takes a few seconds to measure, once.
+  (``$LDEQ_FAST_CACHE_DIR`` or ``~/.cache/ldeq_fast/cpu_plans.json``), keyed by the CPU's identity (vendor,
+  family, model, stepping, the ISA flags that pick kernels), torch and oneDNN versions, thread count, the
+  cell's widths and resolution, and the batch bucket (1, 2-3, 4-7, 8+: measured at 1, 2, 4, 8).  A published-size cell at batch 8 takes a few seconds to measure, once.
 * What: each cell convolution's memory format (NCHW or channels_last), or for the 5x5 ones Winograd
-  F(4x4, 5x5) (ldeq_fast/model/winograd.py; 6.25x fewer FLOPs, measured and accepted only when its rounding
-  against the direct conv stays under ``WINOGRAD_MAX_ERROR``), and each split 1x1 conv's post-op.
+  F(4x4, 5x5) (ldeq_fast/model/winograd.py; 6.25x fewer FLOPs, measured and accepted per convolution only
+  when its rounding against the direct conv, on that conv's input when the model sees a face (a synthetic
+  face through the stem and the cell), stays under ``WINOGRAD_MAX_ERROR``), and each split 1x1 conv's post-op.
 * Where: CPU, float32, no autograd graph, no autocast, the fast path (``backend != 'torch'``, per-sample
   semantics).  Training, GPUs and the reference path keep the fixed layout (``cfg.channels_last``).
 * Switch: ``LDEQ_FAST_CPU_TUNING=auto`` (default) | ``off`` (the fixed choices, nothing measured) |
@@ -29,12 +30,13 @@ import json
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ldeq_fast.notices import warn_once
 
 ENV_MODE = "LDEQ_FAST_CPU_TUNING"
 ENV_CACHE = "LDEQ_FAST_CACHE_DIR"
@@ -43,13 +45,13 @@ BATCH_BUCKETS = (1, 2, 4, 8)
 FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 CHOICES = (*FORMATS, "winograd")   # a conv's layout, or Winograd F(4x4, 5x5) (NCHW out; 5x5 convs only)
 DEFAULT_FORMAT, DEFAULT_POST_ADD = "nhwc", True
-# Winograd is a candidate only where its rounding, measured against the direct conv on the tuning input,
+# Winograd is a candidate only where its rounding, measured against the direct conv on a face's activations,
 # stays within this fraction of the output's range (a direct float32 conv: ~3e-6; Winograd F(4, 5): ~1e-5)
 WINOGRAD_MAX_ERROR = 5e-5
 TIMING_FLOPS = 4e9   # at most this much work per timed call (see _timing_batch)
 # a candidate replaces the fixed choice only when it is this much faster (timing noise must not flip it)
 MARGIN = 0.03
-_SCHEMA = 4   # 2: Winograd candidates; 3: layout changes counted; 4: warm-up before timing
+_SCHEMA = 5   # 2: Winograd candidates; 3: layout changes counted; 4: warm-up before timing; 5: full CPU identity
 
 
 def mode() -> str:
@@ -89,8 +91,9 @@ class CellPlan:
 
 
 def applies(model, x: torch.Tensor) -> bool:
-    """The measured plan is used for this solve (see the module docstring)."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and model._reordered_math()
+    """The measured plan can be used for this solve (see the module docstring); the caller
+    (ldeq_fast/model/fast_path.py) checks that the fast path's rewrites are on."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available() and mode() != "off")
 
@@ -100,18 +103,16 @@ def bucket(batch: int) -> int:
 
 
 def plan_key(model, batch: int) -> dict:
+    """What a plan was measured for: the CPU (vendor, family, model, stepping, name, the ISA flags that pick
+    kernels), torch and oneDNN, the thread count, the cell's shape and the batch bucket."""
+    from ldeq_fast.machine import cpu_identity, onednn_version
+
     c = model.cfg
-    return {"schema": _SCHEMA, "cpu": _cpu_model(), "machine": platform.machine(), "torch": torch.__version__,
-            "onednn": str(torch.backends.mkldnn.version()) if hasattr(torch.backends.mkldnn, "version") else "",
-            "threads": torch.get_num_threads(), "z_width": c.z_width, "injection_width": c.injection_width,
-            "cell_base_width": c.cell_base_width, "cell_width_increment": c.cell_width_increment,
-            "cell_gn_groups": c.cell_gn_groups, "heatmap_size": c.heatmap_size, "batch": bucket(batch)}
-
-
-def _cpu_model() -> str:
-    from ldeq_fast.machine import cpu_model
-
-    return cpu_model()
+    return {"schema": _SCHEMA, "cpu": cpu_identity(), "machine": platform.machine(), "torch": torch.__version__,
+            "onednn": onednn_version(), "threads": torch.get_num_threads(), "z_width": c.z_width,
+            "injection_width": c.injection_width, "cell_base_width": c.cell_base_width,
+            "cell_width_increment": c.cell_width_increment, "cell_gn_groups": c.cell_gn_groups,
+            "heatmap_size": c.heatmap_size, "batch": bucket(batch)}
 
 
 _plans: dict[str, CellPlan] = {}
@@ -286,7 +287,11 @@ def measure(model, batch: int) -> CellPlan:
         return torch.randn(shape, generator=gen).contiguous(memory_format=FORMATS[fmt])
 
     formats, post_add, timings, rejected, costs, copy_ms = {}, {}, {}, {}, {}, {}
+    faces = None   # the 5x5 convs' inputs on a face, for Winograd's admission (computed when first needed)
     try:
+        for blk in blocks.values():     # the cell as the fixed layout runs it while the activations are taken
+            for attr in attrs:
+                blk.__dict__.pop(attr, None)
         for name, blk in blocks.items():
             shape = shapes[name]
             shape = (_timing_batch(blk.conv, shape),) + shape[1:]
@@ -294,7 +299,10 @@ def measure(model, batch: int) -> CellPlan:
             if name not in split:
                 choices = list(FORMATS)
                 if winograd.supports(blk.conv, shape[2], shape[3]):
-                    err = _winograd_error(blk, rand(shape, "nchw"))
+                    if faces is None:
+                        faces = _face_activations(model, [n for n, b in blocks.items() if n not in split
+                                                          and winograd.supports(b.conv, *shapes[n][2:])])
+                    err = _winograd_error(blk, faces[name])
                     if err <= WINOGRAD_MAX_ERROR:
                         choices.append("winograd")
                     else:
@@ -360,6 +368,29 @@ def _set_choice(blk, choice: str) -> None:
     blk.conv_algorithm = "winograd" if choice == "winograd" else "direct"
 
 
+def _face_activations(model, names: list) -> dict:
+    """Each named block's conv input in one cell evaluation on a face: a synthetic face image (the
+    model's input size) through the stem, and the cell at the solver's start z0.  Winograd's rounding grows
+    with the input's spread across a tile, so it is judged on what the model feeds it, not on Gaussian noise."""
+    from ldeq_fast.data.synthetic import SyntheticFaces
+
+    cell = model.deq_layer.cell
+    got = {}
+    hooks = [cell.get_submodule(n).conv.register_forward_hook(
+        lambda mod, inp, out, n=n: got.setdefault(n, inp[0].detach().clone())) for n in names]
+    try:
+        images = SyntheticFaces(1, size=model.cfg.im_size, seed=0)[0]["image"][None]
+        x = model.injection(images)
+        cell(model.initial_z0(x), x)
+    finally:
+        for h in hooks:
+            h.remove()
+    missing = sorted(set(names) - set(got))
+    if missing:
+        raise RuntimeError(f"CPU plan: the face's cell evaluation never reached the convs {missing}")
+    return got
+
+
 def _winograd_error(blk, x: torch.Tensor) -> float:
     """Max deviation of the block's Winograd conv from the direct one on x, over the output's range."""
     _set_choice(blk, "winograd")
@@ -370,15 +401,6 @@ def _winograd_error(blk, x: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------- disk cache
-_warned_cache: set = set()
-
-
-def _warn_once(what: str, msg: str) -> None:
-    if what not in _warned_cache:
-        _warned_cache.add(what)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
 def _read_cache() -> dict:
     path = cache_file()
     if not path.is_file():
@@ -389,7 +411,7 @@ def _read_cache() -> dict:
             return {}
         return dict(data.get("plans", {}))
     except (OSError, ValueError, AttributeError) as exc:
-        _warn_once("read", f"ldeq_fast: unreadable CPU plan cache {path} ({exc}); measuring again")
+        warn_once("cpu-plan-cache-read", f"ldeq_fast: unreadable CPU plan cache {path} ({exc}); measuring again")
         return {}
 
 
@@ -403,7 +425,7 @@ def _write_cache(digest: str, key: dict, plan: CellPlan) -> None:
         tmp.write_text(json.dumps({"schema": _SCHEMA, "plans": plans}, indent=1))
         os.replace(tmp, path)   # atomic: a reader never sees a torn file; concurrent writers: the last wins
     except OSError as exc:
-        _warn_once("write", f"ldeq_fast: cannot write the CPU plan cache {path} ({exc}); the plan is kept for "
+        warn_once("cpu-plan-cache-write", f"ldeq_fast: cannot write the CPU plan cache {path} ({exc}); the plan is kept for "
                             "this process only")
 
 

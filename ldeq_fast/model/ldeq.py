@@ -12,7 +12,8 @@ from torch import nn
 from ldeq_fast import numerics
 from ldeq_fast.config import LDEQConfig, backward_depth, forward_depth
 from ldeq_fast.deq import BackwardLog, SolverSettings, deq_fixed_point
-from ldeq_fast.model.layers import Cell, ConvBlock, HeatmapNorm, Stem
+from ldeq_fast.model import fast_path
+from ldeq_fast.model.layers import Cell, Stem
 from ldeq_fast.model.recompute import EpilogueRecompute, recompute_stem
 from ldeq_fast.ops import recording_backends
 from ldeq_fast.ops.heatmap import heatmap_keypoints, softargmax_heatmaps_ref
@@ -65,6 +66,7 @@ class LDEQ(nn.Module):
         self.tail = Stem(cfg.injection_width)
         self.deq_layer = DEQLayer(cfg)
         self.backward_log = BackwardLog()
+        self.fast_path = fast_path.FastPathState()   # what of the fast path is applied to the modules now
         init_weights_like_published(self)
         self.apply_config()  # the layout is set before an optimizer or DDP sees the parameters
 
@@ -102,7 +104,7 @@ class LDEQ(nn.Module):
                                  "keeps raw features in its state")
             p = next(self.parameters())
             h = h.to(device=p.device, dtype=p.dtype).train(self.training)
-            self._set_epilogue_backend(h, self.cfg.backend)
+            fast_path.set_epilogue_backend(h, self.cfg.backend)
         object.__setattr__(self, "_initial_state", h)   # not nn.Module.__setattr__: no submodule
         self.__dict__.pop("initial_state_info", None)
 
@@ -148,7 +150,11 @@ class LDEQ(nn.Module):
             setattr(s, k, v)
         return s
 
-    def _check_inputs(self, images: torch.Tensor, z0: torch.Tensor | None) -> torch.Tensor:
+    # ------------------------------------------------------------------ the stages of forward
+    # forward = check_inputs -> injection -> initial_z0 -> solve -> read_out; every tool that runs the model
+    # in pieces (tracker, accuracy, fit-init, compat, streaming, export) composes these.
+
+    def check_inputs(self, images: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
         """Check a batch of images (and z0) and return the images in the model's dtype.
 
         Any floating dtype is accepted and cast to the weights' dtype (fp16/bf16 -> fp32 is exact; fp64 ->
@@ -183,6 +189,63 @@ class LDEQ(nn.Module):
                              f"use ldeq_fast.data.transforms.normalize_image")
         return images
 
+    def injection(self, images: torch.Tensor) -> torch.Tensor:
+        """The stem's output x for checked images: the cell's input injection (in the fast path's layout)."""
+        self.apply_config()
+        images = images.contiguous(memory_format=self.fast_path.memory_format)
+        return recompute_stem(self.tail, images) if fast_path.lean_training(self.cfg) else self.tail(images)
+
+    def cell_fn(self, injection: torch.Tensor):
+        """f(z) = cell(z, x) for one injection x, the map the solver iterates (the injection's share of the
+        first conv computed once on the fast path; the state kept fp32/fp64 under bf16 autocast)."""
+        self.apply_config()
+        cell = self.deq_layer.cell
+        fast_path.plan_cpu(self, injection)
+        term = cell.injection_term(injection) if fast_path.reordered_math(self.cfg) else None
+        return numerics.in_state_dtype(lambda z: cell(z, injection, term), self.state_dtype)
+
+    def solve(self, injection: torch.Tensor, z0: torch.Tensor | None = None, settings: SolverSettings | None = None,
+              *, max_iters: int | None = None, mode: str | None = None, extra_step: bool | None = None,
+              proximal: tuple[float, torch.Tensor] | None = None):
+        """Solve z* = f(z*, x) for an injection x from ``z0`` (None: ``initial_z0``; any float dtype, cast to
+        the state dtype).  Returns ``(z, stats)``; ``stats`` is None in explicit mode.
+
+        ``settings``: the forward solver's (default ``solver_settings(max_iters)``); the implicit backward's
+        depth follows ``max_iters`` or ``settings.max_iter``; in explicit mode ``max_iters`` (default
+        ``cfg.explicit_depth``) unrolled steps.  ``extra_step``: apply f once more after the solve (default: the
+        config's, not ``take_one_less_inference_step``).  ``proximal=(gamma, anchor)`` solves the proximal
+        map z = (f(z) + gamma * anchor) / (1 + gamma) instead (RwR's strict form; no extra step)."""
+        c = self.cfg
+        with EpilogueRecompute() if fast_path.lean_training(c) else contextlib.nullcontext():
+            return self._solve(injection, z0, settings, max_iters, mode or c.model_mode, extra_step, proximal)
+
+    def _solve(self, injection, z0, settings, max_iters, mode, extra_step, proximal):
+        c = self.cfg
+        z0 = self.initial_z0(injection) if z0 is None else numerics.to_state(z0, self.state_dtype)
+        f = self.cell_fn(injection)
+        if mode == "explicit":
+            z = z0
+            for _ in range(c.explicit_depth if max_iters is None else int(max_iters)):
+                z = f(z)
+            return z, None
+        if mode != "implicit":
+            raise ValueError(f"mode must be 'implicit' or 'explicit', not {mode!r}")
+        bwd = self.solver_settings(max_iters if settings is None else settings.max_iter, backward=True)
+        settings = settings or self.solver_settings(max_iters)
+        if proximal is not None:
+            gamma, anchor = proximal
+            cell_f = f
+
+            def f(z):
+                return (cell_f(z) + gamma * anchor) / (1 + gamma)
+
+            extra_step = False
+        elif extra_step is None:
+            extra_step = not c.take_one_less_inference_step
+        return deq_fixed_point(f, z0, settings, grad_mode=c.grad_mode, extra_step=extra_step, backward_settings=bwd,
+                               phantom_steps=c.phantom_steps, phantom_damping=c.phantom_damping,
+                               log=self.backward_log)
+
     def heatmaps_from_z(self, z: torch.Tensor) -> torch.Tensor:
         """The keypoint heatmaps held in a state z (its first n_keypoints channels)."""
         c = self.cfg
@@ -196,111 +259,41 @@ class LDEQ(nn.Module):
         the reference (``heatmap_keypoints_ref``) with backend 'torch'."""
         return heatmap_keypoints(heat, backend=self.cfg.backend)
 
+    def read_out(self, z: torch.Tensor, stats=None) -> LDEQOutput:
+        """The output of a solved state z: heatmaps, keypoints, uncertainties (and the solve's stats)."""
+        heat = self.heatmaps_from_z(z)
+        kpts, spread, published = self.keypoints_from_heatmaps(heat)
+        out = LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
+                         z_star=z.detach(), heatmaps=heat, stats=stats)
+        if self.fast_path.cpu_plan is not None:
+            out.extra["cpu_plan"] = self.fast_path.cpu_plan.describe()
+        return out
+
     # ------------------------------------------------------------------ forward
-    def cell_fn(self, injection: torch.Tensor):
-        self.apply_config()
-        cell = self.deq_layer.cell
-        self._use_cpu_plan(injection)
-        term = cell.injection_term(injection) if self._reordered_math() else None
-        # the state stays fp32 (fp64) when the cell runs under bf16 autocast (ldeq_fast/numerics.py)
-        return numerics.in_state_dtype(lambda z: cell(z, injection, term), self.state_dtype)
-
-    def _use_cpu_plan(self, injection: torch.Tensor) -> None:
-        """CPU inference on the fast path: each cell convolution's layout and post-op as measured for this
-        machine and batch (ldeq_fast/model/cpu_tuning.py); elsewhere the fixed choices."""
-        from ldeq_fast.model import cpu_tuning
-
-        plan = cpu_tuning.plan_for(self, injection.shape[0]) if cpu_tuning.applies(self, injection) else None
-        if plan is not self.__dict__.get("_cpu_plan"):
-            cpu_tuning.apply_plan(self.deq_layer.cell, plan)
-            self._cpu_plan = plan
-
-    def _reordered_math(self) -> bool:
-        """Fast-path rewrites that give the same values rounded differently: 1x1 convs over concatenations
-        as sums of partial convs, NHWC convolutions.  Off for published-semantics parity runs."""
-        return self.cfg.backend != "torch" and self.cfg.solver_semantics == "per_sample"
-
-    def apply_config(self) -> None:
-        """Apply ``cfg``'s fast-path switch now (forward does it lazily after ``model.cfg`` is replaced):
-        backend 'torch' = eager cell ops and NCHW weights; otherwise fused cell epilogues and, with
-        cfg.channels_last, NHWC weights (the activations follow the weights' layout)."""
-        b = self.cfg.backend
-        if getattr(self, "_epilogue_backend", None) != b:
-            self._set_epilogue_backend(self.deq_layer.cell, b)
-            if self.initial_state is not None:
-                self._set_epilogue_backend(self.initial_state, b)
-            self._epilogue_backend = b
-        if not self._reordered_math() and self.__dict__.get("_cpu_plan") is not None:
-            from ldeq_fast.model import cpu_tuning  # a measured CPU plan is for the fast path only
-
-            cpu_tuning.apply_plan(self.deq_layer.cell, None)
-            self._cpu_plan = None
-        fmt = torch.channels_last if self._reordered_math() and self.cfg.channels_last else torch.contiguous_format
-        # (the learned initial state keeps NCHW weights: it works in NCHW, the solver state's order)
-        if getattr(self, "_memory_format", torch.contiguous_format) != fmt:
-            for mod in self.modules():
-                if isinstance(mod, nn.Conv2d):
-                    mod.weight.data = mod.weight.data.contiguous(memory_format=fmt)
-        self._memory_format = fmt
-
-    @staticmethod
-    def _set_epilogue_backend(module: nn.Module, backend: str) -> None:
-        for mod in module.modules():
-            if isinstance(mod, (ConvBlock, HeatmapNorm)):
-                mod.epilogue_backend = backend
-
     def forward(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                 max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
-        images = self._check_inputs(images, z0)
+        """Landmarks of a batch of normalised images (B, 3, S, S).  ``z0``: the solve's start (a previous
+        frame's ``z_star`` for RwR; None: the learned initial state or zeros); ``max_iters`` or a whole
+        ``solver`` (SolverSettings) override the config's solver."""
+        images = self.check_inputs(images, z0)
         return self.forward_unchecked(images, z0, mode, max_iters, solver)
 
     def forward_unchecked(self, images: torch.Tensor, z0: torch.Tensor | None = None, mode: str | None = None,
                           max_iters: int | None = None, solver: SolverSettings | None = None) -> LDEQOutput:
-        """``forward`` without the input checks, whose NaN test reads a value on the host: with a
-        ``fixed_iters`` solver nothing here syncs, so it can be captured (ldeq_fast/streaming.py).
-        ``z0`` may have any floating dtype (it is cast to the state dtype)."""
-        mode = mode or self.cfg.model_mode
+        """``forward`` without ``check_inputs``, whose NaN test reads a value on the host: with a
+        ``fixed_iters`` solver nothing here syncs, so it can be captured (ldeq_fast/streaming.py)."""
+        start = "given" if z0 is not None else "learned" if self.uses_initial_state() else "zeros"
         with recording_backends() as ran, numerics.cpu_bf16_guard(images.device.type):
             x = self.injection(images)
-            with EpilogueRecompute() if self._lean_training() else contextlib.nullcontext():
-                out = self._solve_and_read(x, images, z0, mode, max_iters, solver)
+            z, stats = self.solve(x, z0, solver, max_iters=max_iters, mode=mode)
+            out = self.read_out(z, stats)
         out.backends = dict(sorted(ran.items()))
+        out.extra["z0"] = start
         return out
 
-    def _lean_training(self) -> bool:
-        c = self.cfg
-        return c.backend != "torch" and c.train_recompute and torch.is_grad_enabled()
-
-    def injection(self, images: torch.Tensor) -> torch.Tensor:
-        """The stem's output x, the cell's input injection (in the fast path's memory layout)."""
-        self.apply_config()
-        images = images.contiguous(memory_format=self._memory_format)
-        return recompute_stem(self.tail, images) if self._lean_training() else self.tail(images)
-
-    def _solve_and_read(self, x, images, z0, mode, max_iters, solver) -> LDEQOutput:
-        c = self.cfg
-        start = "given" if z0 is not None else "learned" if self.uses_initial_state() else "zeros"
-        z0 = self.initial_z0(x) if z0 is None else numerics.to_state(z0, self.state_dtype)
-        f = self.cell_fn(x)
-        stats = None
-        if mode == "explicit":
-            z = z0
-            for _ in range(c.explicit_depth if max_iters is None else int(max_iters)):
-                z = f(z)
-        elif mode == "implicit":
-            settings = solver or self.solver_settings(max_iters)
-            bwd = self.solver_settings(max_iters if solver is None else solver.max_iter, backward=True)
-            z, stats = deq_fixed_point(f, z0, settings, grad_mode=c.grad_mode,
-                                       extra_step=not c.take_one_less_inference_step, backward_settings=bwd,
-                                       phantom_steps=c.phantom_steps, phantom_damping=c.phantom_damping,
-                                       log=self.backward_log)
-        else:
-            raise ValueError(f"mode must be 'implicit' or 'explicit', not {mode!r}")
-        heat = self.heatmaps_from_z(z)
-        kpts, spread, published = self.keypoints_from_heatmaps(heat)
-        out = LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
-                         z_star=z.detach(), heatmaps=heat, stats=stats, extra={"z0": start})
-        plan = self.__dict__.get("_cpu_plan")
-        if plan is not None:
-            out.extra["cpu_plan"] = plan.describe()
-        return out
+    # ------------------------------------------------------------------ the fast path (model/fast_path.py)
+    def apply_config(self) -> None:
+        """Apply ``cfg``'s fast-path switch now (forward does it lazily after ``model.cfg`` is replaced):
+        backend 'torch' = eager cell ops and NCHW weights; otherwise fused cell epilogues and, with
+        cfg.channels_last, NHWC weights (the activations follow the weights' layout)."""
+        fast_path.apply_config(self)

@@ -61,6 +61,9 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
+    if _is_onnx(path):
+        raise CheckpointError(_not_published(path, "an ONNX export of a model (ldeq_fast/export.py)",
+                                             "run it with onnxruntime, or load the weights it was exported from"))
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -69,14 +72,48 @@ def read_checkpoint(path, map_location="cpu") -> dict:
                               f"(tensors, containers, argparse.Namespace): {exc}") from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
-    if isinstance(ckpt, dict) and ckpt.get("format") == TRAIN_CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is an ldeq_fast training checkpoint (last.pt), not a published LDEQ "
-                              f"checkpoint: load the run's exported model.pt with ldeq_fast.model.load_weights "
-                              f"(written when training finishes), or resume training from it")
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: expected a dict with 'args' and 'state_dict', got {keys}")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "args" not in ckpt:
+        raise CheckpointError(_not_published(path, *_what_it_is(path, ckpt)))
     return ckpt
+
+
+def _not_published(path, what: str, advice: str) -> str:
+    return f"{path} is {what}, not a published LDEQ checkpoint: {advice}"
+
+
+def _is_onnx(path: str) -> bool:
+    """An ONNX model: a protobuf ModelProto (field 1, ir_version, first) naming an ONNX opset domain."""
+    if path.lower().endswith(".onnx"):
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    return head[:1] == b"\x08" and (b"onnx" in head or b"pytorch" in head) and not zipfile.is_zipfile(path)
+
+
+def _what_it_is(path: str, obj) -> tuple[str, str]:
+    """What a file that load_published cannot use holds, and what loads it."""
+    from ldeq_fast.model.init_state import FORMAT as INIT_FORMAT
+
+    if isinstance(obj, dict) and obj.get("format") == TRAIN_CHECKPOINT_FORMAT:
+        return ("an ldeq_fast training checkpoint (last.pt)", "load the run's exported model.pt with "
+                "ldeq_fast.model.load_weights (written when training finishes), or resume training from it")
+    if isinstance(obj, dict) and obj.get("format") == INIT_FORMAT:
+        return ("a learned initial state (an init file, <model>.init.pt: the solver's start z0 = h(x), not a model)",
+                "load the model itself (load_weights or load_published), which picks up the <stem>.init.pt beside "
+                "it, or name this file with init=...")
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        cfg = os.path.splitext(path)[0] + ".json"
+        if os.path.isfile(cfg):
+            return (f"an ldeq_fast weights file (a state_dict of {len(obj)} tensors; its config is {cfg})",
+                    "load it with ldeq_fast.model.load_weights")
+        return (f"a bare state_dict of {len(obj)} tensors ({list(obj)[:3]} ...) with no model configuration",
+                f"ldeq_fast weights would have {os.path.basename(cfg)} beside them for "
+                f"ldeq_fast.model.load_weights; a published checkpoint holds 'args' and 'state_dict'")
+    if isinstance(obj, dict) and "state_dict" in obj:
+        return (f"a dict with 'state_dict' but no 'args' (keys {list(obj)[:10]})",
+                "without the published 'args' the model configuration is unknown")
+    what = f"a dict with keys {list(obj)[:10]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+    return what, "expected a dict with 'args' and 'state_dict'"
 
 
 def published_args_to_config(args, **overrides) -> LDEQConfig:
@@ -120,8 +157,6 @@ def load_published(path, map_location="cpu", init="auto", **config_overrides):
     from ldeq_fast.model.ldeq import LDEQ
 
     ckpt = read_checkpoint(path, map_location)
-    if "args" not in ckpt:
-        raise CheckpointError(f"{path}: no 'args' entry; cannot tell the model configuration")
     cfg = published_args_to_config(ckpt["args"], **config_overrides)
     model = LDEQ(cfg)
     load_state_dict_strict(model, _strip_prefix(ckpt["state_dict"]), source=os.fspath(path))

@@ -29,8 +29,9 @@ from typing import Callable
 import torch
 
 from ldeq_fast import _ext
+from ldeq_fast.config import BACKENDS
+from ldeq_fast.notices import warn_once
 
-BACKENDS = ("auto", "torch", "triton", "cpp")
 NAMESPACE = "ldeq_fast"
 
 
@@ -146,7 +147,7 @@ def _resolve(op: str, device: str, want: str, interpret: bool, strict: bool) -> 
         why = f"no fused kernel for {device} tensors"
         if want != "auto" or strict:
             raise RuntimeError(f"{op}: backend {want!r}: {why}")
-    _ext.warn_once(f"fallback-{op}-{device}", f"ldeq_fast: {op} runs the PyTorch reference on {device} tensors ({why})")
+    warn_once(f"fallback-{op}-{device}", f"ldeq_fast: {op} runs the PyTorch reference on {device} tensors ({why})")
     return "torch"
 
 

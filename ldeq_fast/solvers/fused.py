@@ -22,9 +22,8 @@ import math
 import torch
 
 from ldeq_fast.ops.anderson import MAX_M, acc_dtype, ops_for, resolve_backend
+from ldeq_fast.solvers.reference import DIVERGENCE_FACTOR
 from ldeq_fast.solvers.stats import SolverStats
-
-DIVERGENCE_FACTOR = 1e4
 
 
 def _check_args(z0, max_iter, tol, stop_mode, m, lam, lam_mode, beta, check_every, divergence_factor):

@@ -52,7 +52,7 @@ def add_video_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_video(a) -> int:
-    from ldeq_fast.machine import machine_info
+    from ldeq_fast.machine import finish_record, machine_info
     from ldeq_fast.video.evaluate import (
         annotated_gif,
         evaluate_video_methods,
@@ -88,6 +88,7 @@ def cmd_video(a) -> int:
         val = synthetic_clips(a.val_videos, a.frames, size, seed=1, difficulty=a.difficulty)
     if not clips:
         raise SystemExit("no usable videos")
+    machine = machine_info()   # before the measurement; finish_record adds the load after it
     rows, preds = evaluate_video_methods(model, clips, val, slots=a.slots, warm_iters=a.warm_iters,
                                          prox_gamma=a.gamma, progress=prog, skipped=skipped)
     clips = [c for c in clips if c.name not in {vid for vid, _ in skipped}]
@@ -101,7 +102,7 @@ def cmd_video(a) -> int:
           f"({sp['ratio_streams_vs_still']:.2f}x); multi-stream RwR warm {sp['streams_rwr_warm']:.1f} frames/s")
     for vid, why in skipped:
         print(f"skipped {vid}: {why}")
-    res = {"machine": machine_info(), "model": a.model, "videos": [c.name for c in clips], "rows": rows,
+    res = {"machine": finish_record(machine), "model": a.model, "videos": [c.name for c in clips], "rows": rows,
            "throughput": speed, "skipped": skipped, "args": vars(a) | {"fn": None}}
     (out / "video_results.json").write_text(json.dumps(res, indent=1, default=str))
     plot_trajectory(preds, clips[0], out / "trajectory.png")

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from ldeq_fast.config import check_field_types
 from ldeq_fast.data.transforms import apply_affine, invert_affine
-from ldeq_fast.deq import SolverSettings, deq_fixed_point
 from ldeq_fast.model.ldeq import LDEQ
 
 MODES = ("per_frame", "warm", "prox")
@@ -144,14 +143,13 @@ class RwRTracker:
                              f"{tuple(images.shape)}")
         if len(set(streams)) != len(streams):
             raise ValueError("stream ids in one step must be unique")
-        images = m._check_inputs(images, None)
+        images = m.check_inputs(images)
         S = images.shape[0]
         if affines is not None:
             affines = torch.as_tensor(affines, dtype=torch.float64)
             if tuple(affines.shape) != (S, 2, 3) or not bool(torch.isfinite(affines).all()):
                 raise ValueError(f"affines must be finite with shape ({S}, 2, 3), got {tuple(affines.shape)}")
         x = m.injection(images)
-        extra = not c.take_one_less_inference_step
         full = m.solver_settings()
         known = torch.tensor([s in self.state for s in streams], device=images.device)
         z = torch.empty((S,) + m.z_shape(1)[1:], device=images.device, dtype=m.state_dtype)
@@ -174,25 +172,18 @@ class RwRTracker:
                 rel = _compose(affines[idx.cpu()], to_frame)
                 z_prev = align_state(z_prev, rel.to(z_prev.device), c.im_size)
                 kp_old = apply_affine(kp_old * c.im_size, rel) / c.im_size
-            fi = m.cell_fn(x[idx])
             if tc.mode == "warm":
-                s = SolverSettings(**{**full.__dict__, "max_iter": tc.iters, "tol": 0.0})
-                zw, st = deq_fixed_point(fi, z_prev, s, extra_step=extra)
-                n_extra = int(extra)
+                zw, st = m.solve(x[idx], z_prev, m.solver_settings(tc.iters, tol=0.0))
+                n_extra = int(not c.take_one_less_inference_step)
             else:
-                g = tc.gamma
-
-                def prox(zz, fi=fi, z_prev=z_prev):
-                    return (fi(zz) + g * z_prev) / (1 + g)
-
-                s = SolverSettings(**{**full.__dict__, "max_iter": tc.prox_max_iters, "tol": tc.prox_tol})
-                zw, st = deq_fixed_point(prox, z_prev, s, extra_step=False)
+                s = m.solver_settings(tc.prox_max_iters, tol=tc.prox_tol)
+                zw, st = m.solve(x[idx], z_prev, s, proximal=(tc.gamma, z_prev))
                 n_extra = 0
             z[idx] = zw
             evals[idx] = st.nstep + n_extra
             residual[idx] = st.best_residual.to(residual.dtype)
             # reset rules: a solve that diverged or did not settle, or landmarks that jumped
-            kp_new = m.keypoints_from_heatmaps(m.heatmaps_from_z(zw))[0]
+            kp_new = m.read_out(zw).keypoints
             bad = st.diverged.to(images.device).clone()
             if tc.reset_residual is not None:
                 bad |= st.best_residual > tc.reset_residual
@@ -201,19 +192,21 @@ class RwRTracker:
             cold[idx[bad]] = True
         # cold starts (first frames, resets, per-frame inference) solve from the model's default start: its
         # learned initial state when it has one (ldeq_fast/model/init_state.py), else zeros
+        n_extra_cold = int(not c.take_one_less_inference_step)
         if bool(cold.all()):    # per-frame inference, or every stream starting: no gather / scatter
-            z, st = deq_fixed_point(m.cell_fn(x), m.initial_z0(x), full, extra_step=extra)
-            evals += st.nstep + int(extra)
+            z, st = m.solve(x, None, full)
+            evals += st.nstep + n_extra_cold
             residual = st.best_residual.to(residual.dtype)
             diverged = st.diverged.to(images.device).clone()
         elif bool(cold.any()):
             idx = cold.nonzero().flatten()
-            zc, st = deq_fixed_point(m.cell_fn(x[idx]), m.initial_z0(x[idx]), full, extra_step=extra)
+            zc, st = m.solve(x[idx], None, full)
             z[idx] = zc
-            evals[idx] += st.nstep + int(extra)
+            evals[idx] += st.nstep + n_extra_cold
             residual[idx] = st.best_residual.to(residual.dtype)
             diverged[idx] = st.diverged.to(images.device)
-        kpts, spread, _ = m.keypoints_from_heatmaps(m.heatmaps_from_z(z))
+        out = m.read_out(z)
+        kpts, spread = out.keypoints, out.uncertainty
         frame_px = None
         if affines is not None:
             frame_px = apply_affine(kpts.double().cpu() * c.im_size, affines, inverse=True)
