@@ -64,21 +64,18 @@ def _lipschitz_in_z(model: LDEQ, images: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def models():
-    """(triton model, reference model) with the same weights and buffers.  The CPU plan (measured conv layouts
-    for CPU inference, ldeq_fast/model/cpu_tuning.py) is off: it is not the Triton path's (a GPU never uses
-    it), and measuring it under the interpreter costs half a minute."""
+    """(triton model, reference model) with the same weights and buffers.  (The CPU plan, measured conv layouts
+    for CPU inference, is off in the tests, see conftest.py; it is not the Triton path's either.)"""
     if not triton_available():
         pytest.skip("triton is not installed")
     if DEVICE == "cpu" and not INTERPRETED:
         pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py) or on a GPU")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LDEQ_FAST_CPU_TUNING", "off")
-        ref = _model("torch")
-        tri = _model("triton")
-        tri.load_state_dict(ref.state_dict())
-        lip = max(_lipschitz_in_z(ref, x) for seed in range(5) for x in _frames(3, seed))  # every input used
-        assert lip < 0.5, f"the test model is not contractive in z (Lipschitz estimate {lip:.2f})"
-        yield tri, ref
+    ref = _model("torch")
+    tri = _model("triton")
+    tri.load_state_dict(ref.state_dict())
+    lip = max(_lipschitz_in_z(ref, x) for seed in range(5) for x in _frames(3, seed))  # every input used below
+    assert lip < 0.5, f"the test model is not contractive in z (Lipschitz estimate {lip:.2f})"
+    return tri, ref
 
 
 @pytest.fixture(scope="module")
