@@ -171,7 +171,7 @@ def _check_step(backend, B, m, k, dtype, seed, lam_mode="scaled", stop_rel=True)
     n = min(k + 1, m)
     Gh = torch.randn(B, m, 50, generator=g, dtype=torch.float64)
     gram = torch.einsum("bid,bjd->bij", Gh, Gh).to(acc)
-    norms = (torch.rand(B, 2, generator=g, dtype=torch.float64) * 2).to(acc)
+    norms = (torch.rand(B, 3, generator=g, dtype=torch.float64) * 2).to(acc)
     if B >= 3:
         norms[1, 0] = float("nan")                                # diverged sample
         norms[2, 0] = 1e-12                                       # converged sample
@@ -232,14 +232,14 @@ def test_step_semantics(backend):
     flags[0] = True
     stat[3] = float("nan")
     abs_sq = torch.tensor([4.0, 1.0, float("inf"), 9.0])
-    norms = torch.stack([abs_sq, torch.full((B,), 1e6)], 1)
+    norms = torch.stack([abs_sq, torch.full((B,), 1e6), torch.full((B,), 1e6)], 1)
     A.anderson_step(gram, norms, flags, stat, nstep, trace, 0, 1, 0.5, False, 1e-4, True, 2.0, backend=backend)
     assert flags[0].tolist() == [True, True, False, True] and flags[2].tolist() == [False, False, True, False]
     assert stat[3, :2].tolist() == [2.0, 1.0] and stat[0].tolist()[:2] == [2.0, 1.0]
     assert flags[3].tolist() == [True, True, False, True]
     # k = 1: sample 0 gets worse (no improvement), sample 1 blows past 2x its first residual,
     # sample 3 drops below tol
-    norms = torch.stack([torch.tensor([5.0, 9.0, 0.0, 0.01]), torch.full((B,), 1e6)], 1)
+    norms = torch.stack([torch.tensor([5.0, 9.0, 0.0, 0.01]), torch.full((B,), 1e6), torch.full((B,), 1e6)], 1)
     A.anderson_step(gram, norms, flags, stat, nstep, trace, 1, 2, 0.5, False, 1e-4, True, 2.0, backend=backend)
     assert flags[0].tolist() == [True, False, False, False]
     assert flags[1].tolist() == [False, False, False, True]
@@ -260,7 +260,7 @@ def test_step_rank_deficient_falls_back_to_fixed_point(backend):
                                  torch.zeros(B, dtype=torch.long), torch.full((4, B), float("nan"), dtype=torch.float64))
     flags[0] = True
     stat[3] = 1.0
-    norms = torch.ones(B, 2, dtype=torch.float64)
+    norms = torch.ones(B, 3, dtype=torch.float64)
     alpha = A.anderson_step(gram, norms, flags, stat, nstep, trace, k, 3, 0.0, True, 0.0, False, 1e4, backend=backend)
     expected = torch.zeros(B, m, dtype=torch.float64)
     expected[:, k % m] = 1.0
@@ -360,7 +360,7 @@ def _opcheck_args(B=2, m=3, D=5, dtype=torch.float64):
     stat[3] = 1.0
     nstep = torch.zeros(B, dtype=torch.long)
     trace = torch.zeros(4, B, dtype=acc)
-    norms = torch.rand(B, 2, generator=g, dtype=acc)
+    norms = torch.rand(B, 3, generator=g, dtype=acc)
     alpha = torch.full((B, m), 1.0 / m, dtype=acc)
     best = x.clone()
     return {
