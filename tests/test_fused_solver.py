@@ -453,27 +453,29 @@ def test_forced_backend_is_honoured():
 
 def test_published_model_parity_triton(triton_interpret_model):
     """The published-format model (tests/test_compat_published.py's tiny checkpoint) on the Triton engine and
-    cell under the interpreter: the oracle's landmarks within 1e-3 heatmap px, the published logs, and what
-    ran recorded as 'triton'."""
+    cell under the interpreter (one sample, one Anderson iteration: the interpreter is slow; the solver-level
+    Triton tests above cover longer runs and fpi): landmarks within 1e-3 heatmap px of the plain published
+    path, the same published logs, and what ran recorded as 'triton'."""
     import test_compat_published as P
     from test_published_checkpoint import published_args, write_published
 
+    from ldeq_fast.ops import recording_backends
+
     path = triton_interpret_model / "final.pth.tar"
-    write_published(path, published_args(max_iters=2, rel_diff_target=0.0, abs_diff_target=0.0, n_keypoints=P.K,
+    write_published(path, published_args(max_iters=1, rel_diff_target=0.0, abs_diff_target=0.0, n_keypoints=P.K,
                                          z_width=P.K, heatmap_size=P.HM, im_size=P.IM))
     model, a = P.load_like_the_script(path, backend="triton")
     plain, _ = P.load_like_the_script(path, backend="torch")
-    x, z0 = P.images(1, n=2), torch.zeros(2, P.K, P.HM, P.HM)
-    for solver in ("anderson", "fpi"):
-        a.solver = solver
-        with torch.no_grad():
-            out = model(x, mode="implicit", args=a, z0=z0)
-            ref = plain(x, mode="implicit", args=a, z0=z0)
-        assert model.last_stats.backend == "triton" and model.last_stats.semantics == "published"
-        kpts, _, _, logs = P.oracle_forward(model, x, z0, a)
-        assert (out["keypoints"] - kpts).abs().max().item() * P.HM < 1e-3
-        assert (out["keypoints"] - ref["keypoints"]).abs().max().item() * P.HM < 1e-3
-        assert out["fwd_logs"]["n_iters"] == logs["n_iters"] == ref["fwd_logs"]["n_iters"]
+    x, z0 = P.images(1, n=1), torch.zeros(1, P.K, P.HM, P.HM)
+    with torch.no_grad(), recording_backends() as ran:
+        out = model(x, mode="implicit", args=a, z0=z0)
+    with torch.no_grad():
+        ref = plain(x, mode="implicit", args=a, z0=z0)
+    assert model.last_stats.backend == "triton" and model.last_stats.semantics == "published"
+    assert ran["solver"] == ran["anderson_step"] == "triton"
+    assert (out["keypoints"] - ref["keypoints"]).abs().max().item() * P.HM < 1e-3
+    assert out["fwd_logs"]["n_iters"] == ref["fwd_logs"]["n_iters"] == 1
+    assert out["fwd_logs"]["final_rel_diff"] == pytest.approx(ref["fwd_logs"]["final_rel_diff"], rel=1e-2)
 
 
 @pytest.fixture
