@@ -475,7 +475,8 @@ def test_published_model_parity_triton(triton_interpret_model):
     assert ran["solver"] == ran["anderson_step"] == "triton"
     assert (out["keypoints"] - ref["keypoints"]).abs().max().item() * P.HM < 1e-3
     assert out["fwd_logs"]["n_iters"] == ref["fwd_logs"]["n_iters"] == 1
-    assert out["fwd_logs"]["final_rel_diff"] == pytest.approx(ref["fwd_logs"]["final_rel_diff"], rel=1e-2)
+    # this random model's residual is at the fp32 floor (~1.5e-5) after one iteration: rounding-level agreement
+    assert out["fwd_logs"]["final_rel_diff"] == pytest.approx(ref["fwd_logs"]["final_rel_diff"], abs=1e-5)
 
 
 @pytest.fixture
