@@ -1,6 +1,7 @@
 """Triton kernel for ``anderson_mix`` (see ldeq_fast/ops/anderson.py for the op's contract).
 
-One pass over the (B, D) state: best = F[:, s] for samples whose residual improved, and, for active
+One pass over the (B, D) state: best = F[:, s] (or, BEST_X, the iterate x before the mix: the published
+Anderson returns iterates) for samples whose residual improved, and, for active
 samples, x = sum_{j<n} alpha_j (F_j - (1 - beta) G_j) (G is not read at beta = 1).  Also holds the
 block-size and accumulator-dtype helpers shared with the other Anderson kernels.
 """
@@ -23,15 +24,19 @@ def pick_block(D: int) -> int:
 
 @triton.jit(do_not_specialize=["B", "m", "slot", "n"])
 def _mix_kernel(F_ptr, G_ptr, alpha_ptr, flags_ptr, x_ptr, best_ptr, B, D, m, slot, n, one_minus_beta,
-                MIX: tl.constexpr, USE_G: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                MIX: tl.constexpr, USE_G: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                BEST_X: tl.constexpr):
     b = tl.program_id(0)
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
     b64 = b.to(tl.int64)
     ring = b64 * m * D
-    if tl.load(flags_ptr + 3 * B + b):  # improved: this iteration's image is the new best point
-        tl.store(best_ptr + b64 * D + offs, tl.load(F_ptr + ring + slot * D + offs, mask=mask), mask=mask)
+    if tl.load(flags_ptr + 3 * B + b):  # improved: this iteration's image (or iterate) is the new best point
+        if BEST_X:  # read before this program overwrites its block of x below
+            tl.store(best_ptr + b64 * D + offs, tl.load(x_ptr + b64 * D + offs, mask=mask), mask=mask)
+        else:
+            tl.store(best_ptr + b64 * D + offs, tl.load(F_ptr + ring + slot * D + offs, mask=mask), mask=mask)
     if MIX:
         if tl.load(flags_ptr + b):  # active
             acc = tl.zeros([BLOCK], dtype=ACC)
@@ -45,7 +50,7 @@ def _mix_kernel(F_ptr, G_ptr, alpha_ptr, flags_ptr, x_ptr, best_ptr, B, D, m, sl
 
 
 def anderson_mix(F: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor, flags: torch.Tensor, x: torch.Tensor,
-                 best: torch.Tensor, slot: int, n: int, beta: float, mix: bool,
+                 best: torch.Tensor, slot: int, n: int, beta: float, mix: bool, best_from_x: bool = False,
                  block: int | None = None) -> None:
     """Launch the mix; arguments are validated by the caller (ldeq_fast.ops.anderson)."""
     B, D = x.shape
@@ -55,4 +60,5 @@ def anderson_mix(F: torch.Tensor, G: torch.Tensor, alpha: torch.Tensor, flags: t
     BLOCK = block or pick_block(D)
     _mix_kernel[(B, triton.cdiv(D, BLOCK))](F, G, alpha, flags, x, best, B, D, m, slot, n, 1.0 - float(beta),
                                             MIX=bool(mix), USE_G=float(beta) != 1.0, BLOCK=BLOCK,
-                                            ACC=acc_dtype(x.dtype), num_warps=4 if BLOCK <= 2048 else 8)
+                                            ACC=acc_dtype(x.dtype), BEST_X=bool(best_from_x),
+                                            num_warps=4 if BLOCK <= 2048 else 8)

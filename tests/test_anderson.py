@@ -146,7 +146,7 @@ def _check_step(backend, B, m, k, dtype, seed, lam_mode="scaled", stop_rel=True)
     n = min(k + 1, m)
     Gh = torch.randn(B, m, 50, generator=g, dtype=torch.float64)
     gram = torch.einsum("bid,bjd->bij", Gh, Gh).to(acc)
-    norms = (torch.rand(B, 2, generator=g, dtype=torch.float64) * 2).to(acc)
+    norms = (torch.rand(B, 3, generator=g, dtype=torch.float64) * 2).to(acc)
     if B >= 3:
         norms[1, 0] = float("nan")                                # diverged sample
         norms[2, 0] = 1e-12                                       # converged sample
@@ -207,14 +207,14 @@ def test_step_semantics(backend):
     flags[0] = True
     stat[3] = float("nan")
     abs_sq = torch.tensor([4.0, 1.0, float("inf"), 9.0])
-    norms = torch.stack([abs_sq, torch.full((B,), 1e6)], 1)
+    norms = torch.stack([abs_sq, torch.full((B,), 1e6), torch.full((B,), 1e6)], 1)
     A.anderson_step(gram, norms, flags, stat, nstep, trace, 0, 1, 0.5, False, 1e-4, True, 2.0, backend=backend)
     assert flags[0].tolist() == [True, True, False, True] and flags[2].tolist() == [False, False, True, False]
     assert stat[3, :2].tolist() == [2.0, 1.0] and stat[0].tolist()[:2] == [2.0, 1.0]
     assert flags[3].tolist() == [True, True, False, True]
     # k = 1: sample 0 gets worse (no improvement), sample 1 blows past 2x its first residual,
     # sample 3 drops below tol
-    norms = torch.stack([torch.tensor([5.0, 9.0, 0.0, 0.01]), torch.full((B,), 1e6)], 1)
+    norms = torch.stack([torch.tensor([5.0, 9.0, 0.0, 0.01]), torch.full((B,), 1e6), torch.full((B,), 1e6)], 1)
     A.anderson_step(gram, norms, flags, stat, nstep, trace, 1, 2, 0.5, False, 1e-4, True, 2.0, backend=backend)
     assert flags[0].tolist() == [True, False, False, False]
     assert flags[1].tolist() == [False, False, False, True]
@@ -235,11 +235,141 @@ def test_step_rank_deficient_falls_back_to_fixed_point(backend):
                                  torch.zeros(B, dtype=torch.long), torch.full((4, B), float("nan"), dtype=torch.float64))
     flags[0] = True
     stat[3] = 1.0
-    norms = torch.ones(B, 2, dtype=torch.float64)
+    norms = torch.ones(B, 3, dtype=torch.float64)
     alpha = A.anderson_step(gram, norms, flags, stat, nstep, trace, k, 3, 0.0, True, 0.0, False, 1e4, backend=backend)
     expected = torch.zeros(B, m, dtype=torch.float64)
     expected[:, k % m] = 1.0
     assert torch.equal(alpha, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# anderson_step under the published policies (batch-mean stop, published residuals, best iterate / last)
+
+def _check_step_published(backend, B, m, k, dtype, seed, policy, stop_rel=True, stop=False, active=True):
+    g = _gen(seed)
+    acc = A.acc_dtype(dtype)
+    n = min(k + 1, m)
+    Gh = torch.randn(B, m, 50, generator=g, dtype=torch.float64)
+    gram = torch.einsum("bid,bjd->bij", Gh, Gh).to(acc)
+    norms = (torch.rand(B, 3, generator=g, dtype=torch.float64) * 2 + 0.1).to(acc)
+    flags, stat, nstep, trace = _step_state(B, m, k, dtype, g)
+    flags[0] = active                                             # a published batch moves together
+    flags[1] = False
+    flags[2] = False
+    kfirst = 2 if policy == A.POLICY_PUBLISHED_ANDERSON else 0
+    tol = 1e9 if stop else 1e-12
+    ref_state = [t.clone() for t in (flags, stat, nstep, trace)]
+    args = (k, n, tol, stop_rel, 1e-4, False, 1e4, policy)
+    alpha_r = A.anderson_step_ref(gram, norms, *ref_state, *args)
+    alpha = A.anderson_step(gram, norms, flags, stat, nstep, trace, *args, backend=backend)
+    assert torch.equal(flags, ref_state[0]) and torch.equal(nstep, ref_state[2])
+    _close(stat, ref_state[1], dtype)
+    _close(trace, ref_state[3], dtype)
+    assert not (trace[k] == -1).any()
+    _close(alpha, alpha_r, dtype)
+    # spelled out: the batch means of the published residuals
+    abs_r = norms[:, 0].double().sqrt()
+    rel_r = abs_r / (norms[:, 2].double().sqrt() if policy == A.POLICY_PUBLISHED_ANDERSON
+                     else norms[:, 1].double().sqrt() + 1e-5)
+    mres = (rel_r if stop_rel else abs_r).mean()
+    counted = active and k >= kfirst
+    if counted:
+        torch.testing.assert_close(trace[k].double(), mres.expand(B), rtol=1e-5, atol=0)
+        assert flags[0].tolist() == [not stop] * B and flags[1].tolist() == [stop] * B
+    else:
+        assert trace[k].isnan().all() and not flags[3].any() and not flags[1].any()
+    assert flags[0].tolist() == [active and not (counted and stop)] * B
+    assert not flags[2].any()                                    # no divergence freezing in published runs
+    assert (alpha[~flags[0]] == 0).all()
+
+
+@pytest.mark.parametrize("policy", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,m,k", [(1, 2, 0), (1, 6, 2), (3, 6, 1), (3, 6, 2), (5, 3, 7), (8, 6, 4)])
+@pytest.mark.parametrize("stop", [False, True])
+@needs_cpp
+def test_step_published_cpp(B, m, k, dtype, policy, stop):
+    _check_step_published("cpp", B, m, k, dtype, B * 100 + m * 10 + k, policy, stop=stop)
+
+
+@needs_cpp
+@pytest.mark.parametrize("policy", [1, 2])
+def test_step_published_cpp_abs_and_inactive(policy):
+    _check_step_published("cpp", 4, 5, 6, torch.float32, 9, policy, stop_rel=False)
+    _check_step_published("cpp", 4, 5, 6, torch.float64, 9, policy, stop_rel=False, stop=True)
+    _check_step_published("cpp", 4, 5, 6, torch.float32, 9, policy, active=False)
+
+
+@pytest.mark.parametrize("B,m,k,dtype,policy,stop", [(1, 2, 0, torch.float32, 1, False),
+                                                     (3, 6, 2, torch.float32, 1, True),
+                                                     (5, 3, 7, torch.float32, 1, False),
+                                                     (3, 6, 1, torch.float64, 2, True),
+                                                     (8, 6, 4, torch.float64, 1, False),
+                                                     (5, 1, 3, torch.float32, 2, False)])
+def test_step_published_triton(triton_interpret, B, m, k, dtype, policy, stop):
+    _check_step_published("triton", B, m, k, dtype, B + m + k, policy, stop=stop)
+    _check_step_published("triton", B, m, k, dtype, B + m + k + 1, policy, stop_rel=False, active=k % 2 == 0)
+
+
+def test_step_published_semantics(backend):
+    """The published Anderson's bookkeeping spelled out over a run: iterations 0 and 1 are not counted, the
+    first counted one is the best even when worse, ties keep the earlier, the batch mean stops everyone."""
+    B, m = 2, 3
+    gram = torch.eye(m).repeat(B, 1, 1)
+    flags, stat, nstep, trace = (torch.zeros(4, B, dtype=torch.bool), torch.full((4, B), float("inf")),
+                                 torch.zeros(B, dtype=torch.long), torch.full((6, B), float("nan")))
+    flags[0] = True
+
+    def step(k, abs0, abs1, tol=0.5):
+        norms = torch.tensor([[abs0 ** 2, 1.0, 1.0], [abs1 ** 2, 1.0, 1.0]])   # ||fx + 1e-5|| = 1: rel = abs
+        A.anderson_step(gram, norms, flags, stat, nstep, trace, k, min(k + 1, m), tol, False, 1e-4, False, 1e4,
+                        A.POLICY_PUBLISHED_ANDERSON, backend=backend)
+        return flags[3].tolist()
+
+    assert step(0, 0.0, 0.0) == [False, False] and flags[0].all()        # not counted: no stop at residual 0
+    assert step(1, 0.1, 0.1) == [False, False] and trace[:2].isnan().all()
+    assert step(2, 3.0, 5.0) == [True, True] and stat[0].tolist() == [4.0, 4.0]   # first counted: best
+    assert step(3, 4.0, 4.0) == [False, False]                           # a tie keeps the earlier
+    assert stat[0].tolist() == [4.0, 4.0] and stat[1].tolist() == [4.0, 4.0]
+    assert step(4, 2.0, 2.0) == [True, True] and trace[4].tolist() == [2.0, 2.0]
+    assert flags[0].all() and not flags[1].any()
+    assert step(5, 0.2, 0.6) == [True, True]                             # mean 0.4 < 0.5: everyone stops
+    assert not flags[0].any() and flags[1].all() and nstep.tolist() == [6, 6]
+
+
+def test_step_published_ties_keep_the_earlier(backend):
+    B, m = 1, 2
+    gram = torch.eye(m).repeat(B, 1, 1)
+    flags, stat, nstep, trace = (torch.zeros(4, B, dtype=torch.bool), torch.full((4, B), float("inf")),
+                                 torch.zeros(B, dtype=torch.long), torch.full((5, B), float("nan")))
+    flags[0] = True
+    got = []
+    for k, a in enumerate([1.0, 1.0, 2.0, 2.0, 1.5]):
+        norms = torch.tensor([[a * a, 1.0, 1.0]])
+        A.anderson_step(gram, norms, flags, stat, nstep, trace, k, min(k + 1, m), 0.0, True, 1e-4, False, 1e4,
+                        A.POLICY_PUBLISHED_ANDERSON, backend=backend)
+        got.append(bool(flags[3, 0]))
+    assert got == [False, False, True, False, True]
+    # the fixed-point policy counts from iteration 0 and keeps the last
+    flags[:] = False
+    flags[0] = True
+    for k, a in enumerate([1.0, 3.0]):
+        norms = torch.tensor([[a * a, 4.0, 0.0]])                        # rel = abs / (||fx|| + 1e-5)
+        A.anderson_step(gram[:, :1, :1].contiguous(), norms, flags, stat, nstep, trace, k, 1, 0.0, True, 0.0, False,
+                        1e4, A.POLICY_PUBLISHED_FPI, backend=backend)
+        assert bool(flags[3, 0]) and stat[0, 0].item() == pytest.approx(a / (2 + 1e-5))
+
+
+def test_update_norms_hold_the_published_denominator():
+    """norms[:, 2] is ||fx + 1e-5||^2, the published relative residual's denominator."""
+    g = _gen(3)
+    B, m, D = 3, 2, 41
+    F, G = _ring(B, m, D, torch.float32, g)
+    gram = torch.zeros(B, m, m)
+    fx, x = torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+    norms = A.anderson_update_ref(fx, x, F, G, gram, torch.ones(B, dtype=torch.bool), 0, 1)
+    torch.testing.assert_close(norms[:, 2], (1e-5 + fx).norm(dim=1) ** 2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(norms[:, 1], fx.norm(dim=1) ** 2, rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -248,7 +378,9 @@ def test_step_rank_deficient_falls_back_to_fixed_point(backend):
 def _check_mix(backend, B, D, m, dtype, seed):
     g = _gen(seed)
     acc = A.acc_dtype(dtype)
-    for slot, n, beta, mix in [(m - 1, m, 1.0, True), (0, 1, 0.5, True), (min(1, m - 1), min(2, m), 0.7, False)]:
+    for slot, n, beta, mix, best_x in [(m - 1, m, 1.0, True, False), (0, 1, 0.5, True, False),
+                                       (min(1, m - 1), min(2, m), 0.7, False, False), (m - 1, m, 1.0, True, True),
+                                       (0, 1, 0.5, False, True)]:
         F, G = _ring(B, m, D, dtype, g)
         F[:, n:] = float("nan")                                  # invalid slots must not be read
         G[:, n:] = float("nan")
@@ -261,10 +393,13 @@ def _check_mix(backend, B, D, m, dtype, seed):
         flags[3, 0] = True
         x = torch.randn(B, D, generator=g, dtype=dtype)
         best = torch.randn(B, D, generator=g, dtype=dtype)
-        xr, bestr = x.clone(), best.clone()
-        A.anderson_mix_ref(F, G.nan_to_num(0.0) if beta == 1.0 else G, alpha, flags, xr, bestr, slot, n, beta, mix)
-        A.anderson_mix(F, G, alpha, flags, x, best, slot, n, beta, mix, backend=backend)
+        xr, bestr, x_before = x.clone(), best.clone(), x.clone()
+        A.anderson_mix_ref(F, G.nan_to_num(0.0) if beta == 1.0 else G, alpha, flags, xr, bestr, slot, n, beta, mix,
+                           best_x)
+        A.anderson_mix(F, G, alpha, flags, x, best, slot, n, beta, mix, best_x, backend=backend)
         assert torch.equal(best, bestr)
+        if best_x:  # the published Anderson keeps the iterate from before the mix, exactly
+            assert torch.equal(best[flags[3]], x_before[flags[3]])
         _close(x, xr, dtype, scale=m)
         assert not x.isnan().any()
 
@@ -335,7 +470,7 @@ def _opcheck_args(B=2, m=3, D=5, dtype=torch.float64):
     stat[3] = 1.0
     nstep = torch.zeros(B, dtype=torch.long)
     trace = torch.zeros(4, B, dtype=acc)
-    norms = torch.rand(B, 2, generator=g, dtype=acc)
+    norms = torch.rand(B, 3, generator=g, dtype=acc)
     alpha = torch.full((B, m), 1.0 / m, dtype=acc)
     best = x.clone()
     return {
@@ -343,13 +478,17 @@ def _opcheck_args(B=2, m=3, D=5, dtype=torch.float64):
         "step": (torch.eye(m, dtype=acc).repeat(B, 1, 1), norms, flags, stat, nstep, trace, 2, 3, 1e-3, True,
                  1e-4, True, 1e4),
         "mix": (F, G, alpha, flags, x, best, 1, 3, 0.5, True),
+        "step_published": (torch.eye(m, dtype=acc).repeat(B, 1, 1), norms, flags, stat, nstep, trace, 2, 3, 1e-3,
+                           True, 1e-4, False, 1e4, 1),
+        "mix_best_x": (F, G, alpha, flags, x, best, 1, 3, 1.0, True, True),
     }
 
 
 @needs_cpp
-@pytest.mark.parametrize("op", ["update", "step", "mix"])
+@pytest.mark.parametrize("op", ["update", "step", "mix", "step_published", "mix_best_x"])
 def test_opcheck_cpp(op):
-    torch.library.opcheck(getattr(torch.ops.ldeq_fast, f"anderson_{op}").default, _opcheck_args()[op])
+    name = op.split("_")[0]
+    torch.library.opcheck(getattr(torch.ops.ldeq_fast, f"anderson_{name}").default, _opcheck_args()[op])
 
 
 @pytest.mark.gpu

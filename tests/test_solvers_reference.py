@@ -86,7 +86,7 @@ def test_published_semantics_stop_on_batch_mean():
     z, st = solve(f, z0, method="anderson", max_iter=100, tol=1e-9, semantics="published")
     n = st.extra["n_iters"]
     assert (st.nstep == n).all()               # one count for the whole batch
-    assert st.extra["trace_rel"][-1] < 1e-9
+    assert st.extra["trace_rel"][n - 1] < 1e-9    # (the fused engine pads its device trace with NaN)
     assert torch.allclose(z, z_true, atol=1e-7)
     zf, stf = solve(f, z0, method="fpi", max_iter=300, tol=1e-9, semantics="published")
     assert torch.allclose(zf, z_true, atol=1e-7)

@@ -2,11 +2,13 @@
 //
 // Per iteration the engine calls, in order:
 //   anderson_update: one pass over D: F[:,s] = fx, G[:,s] = g = fx - x, and the per-sample sums
-//                    <g, G_j> (new Gram row/column s), ||g||^2 and ||fx||^2;
-//   anderson_step:   per-sample bookkeeping (residual, divergence, best, stop masks, stats) and the
+//                    <g, G_j> (new Gram row/column s), ||g||^2, ||fx||^2 and ||fx + 1e-5||^2 (the
+//                    published relative residual's denominator);
+//   anderson_step:   bookkeeping (residual, divergence, best, stop masks, stats: per sample, or on the
+//                    batch mean under a published policy, see ldeq_fast/ops/anderson.py) and the
 //                    Anderson weights from the Gram matrix (fp64 solve);
-//   anderson_mix:    one pass over D: x = sum_j alpha_j (F_j - (1 - beta) G_j), best = F[:,s] where the
-//                    residual improved.
+//   anderson_mix:    one pass over D: x = sum_j alpha_j (F_j - (1 - beta) G_j), best = F[:,s] (or the
+//                    iterate x before the mix, best_from_x) where the residual improved.
 // Only active samples are touched, so a frozen sample's state never changes.
 //
 // Work is split into fixed-size (sample, D-chunk) tasks whose partial sums are combined in a fixed
@@ -39,29 +41,37 @@ namespace {
 constexpr int64_t kChunk = 8192;  // elements per task: a chunk of g stays in L2 while it is dotted with G_j
 constexpr int64_t kSub = 256;     // SIMD lanes accumulate at most this many elements before widening to double
 constexpr int64_t kMaxM = 64;     // history length bound (stack arrays in the small solve)
+constexpr double kPublishedEps = 1e-5;  // the published residuals' eps
+enum Policy : int64_t { kPerSample = 0, kPublishedAnderson = 1, kPublishedFpi = 2 };
 
-// One update chunk: F = fx, G = g = fx - x; returns sum g^2 and sum fx^2.
+// One update chunk: F = fx, G = g = fx - x; returns sum g^2, sum fx^2 and sum (fx + 1e-5)^2 (fx + 1e-5
+// rounded in T, as the published code adds it).
 template <typename T>
 LDEQ_SIMD_CLONES void update_chunk(const T* __restrict fx, const T* __restrict x, T* __restrict Fs,
-                                   T* __restrict Gs, int64_t len, double* gg, double* ff) {
-  double sg = 0, sf = 0;
+                                   T* __restrict Gs, int64_t len, double* gg, double* ff, double* fe) {
+  double sg = 0, sf = 0, se = 0;
+  const T eps = static_cast<T>(kPublishedEps);
   for (int64_t start = 0; start < len; start += kSub) {
     const int64_t stop = std::min(len, start + kSub);
-    T ag = 0, af = 0;
-#pragma omp simd reduction(+ : ag, af)
+    T ag = 0, af = 0, ae = 0;
+#pragma omp simd reduction(+ : ag, af, ae)
     for (int64_t i = start; i < stop; ++i) {
       const T f = fx[i];
       const T g = f - x[i];
+      const T e = f + eps;
       Fs[i] = f;
       Gs[i] = g;
       ag += g * g;
       af += f * f;
+      ae += e * e;
     }
     sg += ag;
     sf += af;
+    se += ae;
   }
   *gg = sg;
   *ff = sf;
+  *fe = se;
 }
 
 // sum_i a[i] * b[i]: SIMD lanes accumulate in T over sub-blocks, sub-block sums are added in double.
@@ -248,12 +258,13 @@ void update_kernel(const T* fx, const T* x, T* F, T* G, double* part, const std:
       const T* xp = x + b * D + c0;
       T* Fs = F + (b * m + slot) * D + c0;
       T* Gs = G + (b * m + slot) * D + c0;
-      double gg, ff;
-      update_chunk<T>(fxp, xp, Fs, Gs, len, &gg, &ff);
-      double* out = part + t * (m + 1);
+      double gg, ff, fe;
+      update_chunk<T>(fxp, xp, Fs, Gs, len, &gg, &ff, &fe);
+      double* out = part + t * (m + 2);
       ring_dots<T>(Gs, G + b * m * D + c0, D, n, slot, len, out);
       out[slot] = gg;
       out[m] = ff;
+      out[m + 1] = fe;
     }
   });
 }
@@ -277,27 +288,28 @@ at::Tensor anderson_update_cpu(const at::Tensor& fx, const at::Tensor& x, at::Te
 
   const auto act = selected(active);
   const int64_t nchunk = std::max<int64_t>(1, (D + kChunk - 1) / kChunk);
-  std::vector<double> part(act.size() * nchunk * (m + 1));
+  std::vector<double> part(act.size() * nchunk * (m + 2));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "anderson_update", [&] {
     update_kernel<scalar_t>(fx.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(),
                             G.data_ptr<scalar_t>(), part.data(), act, m, D, slot, n, nchunk);
   });
 
-  at::Tensor norms = at::zeros({B, 2}, x.options().dtype(acc));
+  at::Tensor norms = at::zeros({B, 3}, x.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES(acc, "anderson_update_gram", [&] {
     scalar_t* gp = gram.data_ptr<scalar_t>();
     scalar_t* np = norms.data_ptr<scalar_t>();
     for (size_t a = 0; a < act.size(); ++a) {
       const int64_t b = act[a];
-      std::vector<double> row(m + 1, 0.0);
+      std::vector<double> row(m + 2, 0.0);
       for (int64_t c = 0; c < nchunk; ++c)  // fixed order: deterministic across thread counts
-        for (int64_t q = 0; q <= m; ++q) row[q] += part[(a * nchunk + c) * (m + 1) + q];
+        for (int64_t q = 0; q <= m + 1; ++q) row[q] += part[(a * nchunk + c) * (m + 2) + q];
       for (int64_t j = 0; j < n; ++j) {
         gp[(b * m + slot) * m + j] = static_cast<scalar_t>(row[j]);
         gp[(b * m + j) * m + slot] = static_cast<scalar_t>(row[j]);
       }
-      np[b * 2] = static_cast<scalar_t>(row[slot]);
-      np[b * 2 + 1] = static_cast<scalar_t>(row[m]);
+      np[b * 3] = static_cast<scalar_t>(row[slot]);
+      np[b * 3 + 1] = static_cast<scalar_t>(row[m]);
+      np[b * 3 + 2] = static_cast<scalar_t>(row[m + 1]);
     }
   });
   return norms;
@@ -381,8 +393,8 @@ void step_kernel(const A* gram, const A* norms, bool* flags, A* stat, int64_t* n
       continue;
     }
     // residuals in the state's precision, as the reference computes them
-    const A abs_r = std::sqrt(norms[b * 2]);
-    const A rel_r = abs_r / (std::sqrt(norms[b * 2 + 1]) + A(1e-5));
+    const A abs_r = std::sqrt(norms[b * 3]);
+    const A rel_r = abs_r / (std::sqrt(norms[b * 3 + 1]) + A(1e-5));
     const A res = stop_rel ? rel_r : abs_r;
     if (k == 0) first_res[b] = res;
     const bool bad = !std::isfinite(res) || res > A(divergence_factor) * std::max(first_res[b], A(1e-30));
@@ -405,9 +417,60 @@ void step_kernel(const A* gram, const A* norms, bool* flags, A* stat, int64_t* n
   }
 }
 
+// The published policies (ldeq_fast/ops/anderson.py): batch-mean residuals decide for the whole batch.
+template <typename A>
+void published_step_kernel(const A* gram, const A* norms, bool* flags, A* stat, int64_t* nstep, A* trace, A* alpha,
+                           int64_t B, int64_t m, int64_t k, int64_t n, double tol, bool stop_rel, double lam,
+                           bool lam_scaled, int64_t policy) {
+  bool* active = flags;
+  bool* converged = flags + B;
+  bool* improved = flags + 3 * B;
+  double sum_abs = 0, sum_rel = 0;  // batch means: summed and divided in double, then rounded to A
+  for (int64_t b = 0; b < B; ++b) {
+    const A abs_r = std::sqrt(norms[b * 3]);
+    const A rel_r = policy == kPublishedAnderson ? abs_r / std::sqrt(norms[b * 3 + 2])
+                                                 : abs_r / (std::sqrt(norms[b * 3 + 1]) + A(kPublishedEps));
+    sum_abs += static_cast<double>(abs_r);
+    sum_rel += static_cast<double>(rel_r);
+  }
+  const A mean_abs = static_cast<A>(sum_abs / static_cast<double>(B));
+  const A mean_rel = static_cast<A>(sum_rel / static_cast<double>(B));
+  const A mres = stop_rel ? mean_rel : mean_abs;
+  const int64_t kfirst = policy == kPublishedAnderson ? 2 : 0;
+  const bool first = k == kfirst;
+  const A nan = std::numeric_limits<A>::quiet_NaN();
+  const int64_t slot = k % m;
+  double H[kMaxM * kMaxM];
+  double w[kMaxM];
+  for (int64_t b = 0; b < B; ++b) {
+    const bool act = active[b];
+    const bool counted = act && k >= kfirst;
+    const bool best_mode = policy == kPublishedAnderson;
+    // ties keep the earlier iterate; the first counted one is always taken (even NaN), as published
+    const bool imp = counted && (!best_mode || mres < stat[b] || first);
+    const bool imp_abs = counted && (!best_mode || mean_abs < stat[B + b] || first);
+    const bool imp_rel = counted && (!best_mode || mean_rel < stat[2 * B + b] || first);
+    if (imp) stat[b] = mres;
+    if (imp_abs) stat[B + b] = mean_abs;
+    if (imp_rel) stat[2 * B + b] = mean_rel;
+    nstep[b] += act ? 1 : 0;
+    trace[k * B + b] = counted ? mres : nan;
+    const bool below = counted && mres < A(tol);
+    converged[b] = converged[b] || below;
+    active[b] = act && !below;
+    improved[b] = imp;
+    A* al = alpha + b * m;
+    std::fill(al, al + m, A(0));
+    if (!active[b]) continue;
+    for (int64_t i = 0; i < m * m; ++i) H[i] = static_cast<double>(gram[b * m * m + i]);
+    anderson_weights(H, m, n, slot, lam, lam_scaled, w);
+    for (int64_t j = 0; j < m; ++j) al[j] = static_cast<A>(w[j]);
+  }
+}
+
 at::Tensor anderson_step_cpu(const at::Tensor& gram, const at::Tensor& norms, at::Tensor& flags, at::Tensor& stat,
                              at::Tensor& nstep, at::Tensor& trace, int64_t k, int64_t n, double tol, bool stop_rel,
-                             double lam, bool lam_scaled, double divergence_factor) {
+                             double lam, bool lam_scaled, double divergence_factor, int64_t policy) {
   TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.is_contiguous() && gram.device().is_cpu(),
               "anderson_step: gram must be a contiguous CPU (B, m, m) tensor, got ", gram.sizes());
   const int64_t B = gram.size(0), m = gram.size(1);
@@ -416,10 +479,12 @@ at::Tensor anderson_step_cpu(const at::Tensor& gram, const at::Tensor& norms, at
   TORCH_CHECK(k >= 0, "anderson_step: iteration k must be >= 0, got ", k);
   check_slots(k % m, n, m, "anderson_step");
   TORCH_CHECK(lam >= 0 && std::isfinite(lam), "anderson_step: lam must be finite and >= 0, got ", lam);
+  TORCH_CHECK(policy == kPerSample || policy == kPublishedAnderson || policy == kPublishedFpi,
+              "anderson_step: policy must be 0 (per-sample), 1 (published anderson) or 2 (published fpi), got ", policy);
   check_flags(flags, B, "anderson_step");
-  TORCH_CHECK(norms.scalar_type() == acc && norms.dim() == 2 && norms.size(0) == B && norms.size(1) == 2 &&
+  TORCH_CHECK(norms.scalar_type() == acc && norms.dim() == 2 && norms.size(0) == B && norms.size(1) == 3 &&
                   norms.is_contiguous(),
-              "anderson_step: norms must be a contiguous ", acc, " (B, 2) tensor, got ", norms.sizes());
+              "anderson_step: norms must be a contiguous ", acc, " (B, 3) tensor, got ", norms.sizes());
   TORCH_CHECK(stat.scalar_type() == acc && stat.dim() == 2 && stat.size(0) == 4 && stat.size(1) == B &&
                   stat.is_contiguous(),
               "anderson_step: stat must be a contiguous ", acc, " (4, B) tensor, got ", stat.sizes());
@@ -430,6 +495,12 @@ at::Tensor anderson_step_cpu(const at::Tensor& gram, const at::Tensor& norms, at
               "anderson_step: trace must be a contiguous ", acc, " (T > k, B) tensor, got ", trace.sizes());
   at::Tensor alpha = at::empty({B, m}, gram.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "anderson_step", [&] {
+    if (policy != kPerSample) {
+      published_step_kernel<scalar_t>(gram.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(), flags.data_ptr<bool>(),
+                                      stat.data_ptr<scalar_t>(), nstep.data_ptr<int64_t>(), trace.data_ptr<scalar_t>(),
+                                      alpha.data_ptr<scalar_t>(), B, m, k, n, tol, stop_rel, lam, lam_scaled, policy);
+      return;
+    }
     step_kernel<scalar_t>(gram.data_ptr<scalar_t>(), norms.data_ptr<scalar_t>(), flags.data_ptr<bool>(),
                           stat.data_ptr<scalar_t>(), nstep.data_ptr<int64_t>(), trace.data_ptr<scalar_t>(),
                           alpha.data_ptr<scalar_t>(), B, m, k, n, tol, stop_rel, lam, lam_scaled, divergence_factor);
@@ -443,7 +514,7 @@ at::Tensor anderson_step_cpu(const at::Tensor& gram, const at::Tensor& norms, at
 template <typename T>
 void mix_kernel(const T* F, const T* G, const T* alpha, const bool* active, const bool* improved, T* x, T* best,
                 const std::vector<int64_t>& rows, int64_t m, int64_t D, int64_t slot, int64_t n, double beta,
-                bool mix) {
+                bool mix, bool best_from_x) {
   const int64_t nchunk = std::max<int64_t>(1, (D + kChunk - 1) / kChunk);
   const int64_t ntask = static_cast<int64_t>(rows.size()) * nchunk;
   const bool use_g = beta != 1.0;
@@ -453,7 +524,8 @@ void mix_kernel(const T* F, const T* G, const T* alpha, const bool* active, cons
       const int64_t c0 = c * kChunk, len = std::min(kChunk, D - c0);
       const T* Fb = F + b * m * D + c0;
       const T* Gb = G + b * m * D + c0;
-      if (improved[b]) std::memcpy(best + b * D + c0, Fb + slot * D, len * sizeof(T));
+      // best_from_x: the iterate before this chunk of x is overwritten by the mix below
+      if (improved[b]) std::memcpy(best + b * D + c0, best_from_x ? x + b * D + c0 : Fb + slot * D, len * sizeof(T));
       if (!(mix && active[b])) continue;
       // x_j + beta g_j = F_j - (1 - beta) G_j
       T a[kMaxM], cg[kMaxM];
@@ -470,7 +542,8 @@ void mix_kernel(const T* F, const T* G, const T* alpha, const bool* active, cons
 }
 
 void anderson_mix_cpu(const at::Tensor& F, const at::Tensor& G, const at::Tensor& alpha, const at::Tensor& flags,
-                      at::Tensor& x, at::Tensor& best, int64_t slot, int64_t n, double beta, bool mix) {
+                      at::Tensor& x, at::Tensor& best, int64_t slot, int64_t n, double beta, bool mix,
+                      bool best_from_x) {
   check_ring(F, G, x, "anderson_mix");
   const int64_t B = x.size(0), D = x.size(1), m = F.size(1);
   check_slots(slot, n, m, "anderson_mix");
@@ -490,7 +563,8 @@ void anderson_mix_cpu(const at::Tensor& F, const at::Tensor& G, const at::Tensor
     if (improved[b] || (mix && active[b])) rows.push_back(b);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "anderson_mix", [&] {
     mix_kernel<scalar_t>(F.data_ptr<scalar_t>(), G.data_ptr<scalar_t>(), alpha.data_ptr<scalar_t>(), active, improved,
-                         x.data_ptr<scalar_t>(), best.data_ptr<scalar_t>(), rows, m, D, slot, n, beta, mix);
+                         x.data_ptr<scalar_t>(), best.data_ptr<scalar_t>(), rows, m, D, slot, n, beta, mix,
+                         best_from_x);
   });
 }
 

@@ -11,7 +11,11 @@ take_one_less_inference_step, stochastic_max_iters, explicit_depth, JFB), so the
 ``args.max_iters = 1`` between calls works unchanged.
 
 Semantics are the published ones by default (batch-mean stopping, Anderson returning its best iterate,
-absolute Anderson regulariser: ldeq_fast/solvers/published.py).  ``LDEQ(args, fast=True)`` or
+absolute Anderson regulariser: ldeq_fast/solvers/published.py), run by default (backend 'auto') on the
+fused engine — the fused Anderson ops with their published policies and the fast cell (fused epilogues,
+rewritten convs, CPU plan): the same arithmetic rounded differently, landmarks within ~1e-3 heatmap px.
+``LDEQ(args, backend='torch')`` runs the plain published path (the published code's own arithmetic: the
+reference the fast one is measured against).  ``LDEQ(args, fast=True)`` or
 ``args.ldeq_fast_semantics = 'per_sample'`` switches to ldeq_fast's per-sample solver (fused kernels):
 each sample's answer no longer depends on its batch, so landmarks differ slightly from the published ones.
 """
@@ -33,7 +37,10 @@ from ldeq_fast.model.published import (
     published_args_to_config,
     read_checkpoint,
 )
+from ldeq_fast import _ext
+from ldeq_fast.ops import note, requested_backend
 from ldeq_fast.ops.heatmap import heatmap_keypoints_ref
+from ldeq_fast.solvers import solve
 from ldeq_fast.solvers.published import anderson_published, fixed_point_published
 
 __all__ = ["root_solver", "LDEQ", "weights_init", "load_checkpoint"]
@@ -70,8 +77,13 @@ def _check_state(x0: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or inf")
 
 
-def root_solver(f, x0, max_iters, solver_args, stochastic_max_iters=False, save_trajectory=False, name="forward"):
+def root_solver(f, x0, max_iters, solver_args, stochastic_max_iters=False, save_trajectory=False, name="forward",
+                backend="auto"):
     """The published ``root_solver``: solve x = f(x) from x0 (the published code passes (B, D, 1)).
+
+    ``backend``: 'auto' / 'cpp' / 'triton' run the published semantics on the fused engine, 'torch' the
+    plain published solvers.  ``save_trajectory`` needs the plain path (the engine keeps no iterates):
+    with 'auto' it runs that path with one warning (recorded as 'torch'), with 'cpp'/'triton' it is an error.
 
     Returns ``(solution, logs)`` with logs ``n_iters``, ``final_abs_diff``, ``final_rel_diff`` (floats:
     Anderson's lowest batch-mean residuals, fixed-point iteration's last), ``stability`` (0 once the
@@ -79,11 +91,23 @@ def root_solver(f, x0, max_iters, solver_args, stochastic_max_iters=False, save_
     ``save_trajectory``) and ``max_iters`` (drawn from 1..max_iters when ``stochastic_max_iters``).
     The published Broyden solver is not provided (LDEQ inference does not use it).
     """
-    solution, logs, _ = _root_solve(f, x0, max_iters, solver_args, stochastic_max_iters, save_trajectory, name)
+    solution, logs, _ = _root_solve(f, x0, max_iters, solver_args, stochastic_max_iters, save_trajectory, name,
+                                    backend)
     return solution, logs
 
 
-def _root_solve(f, x0, max_iters, solver_args, stochastic_max_iters, save_trajectory, name):
+def _host_extras(stats) -> dict:
+    """The published logs' Python values from a solve's extras (the fused engine keeps them as device
+    tensors: reading them here is one host sync, as the published code's floats are)."""
+    ex = stats.extra
+    if not isinstance(ex["n_iters"], torch.Tensor):
+        return ex
+    n = int(ex["n_iters"])
+    return {**ex, "n_iters": n, "stability": int(ex["stability"]), "trace_abs": ex["trace_abs"][:n].tolist(),
+            "trace_rel": ex["trace_rel"][:n].tolist()}
+
+
+def _root_solve(f, x0, max_iters, solver_args, stochastic_max_iters, save_trajectory, name, backend="auto"):
     """root_solver, also returning the SolverStats."""
     if int(max_iters) != max_iters or max_iters < 1:
         raise ValueError(f"max_iters must be an integer >= 1, got {max_iters}")
@@ -99,13 +123,32 @@ def _root_solve(f, x0, max_iters, solver_args, stochastic_max_iters, save_trajec
     verbose = bool(getattr(solver_args, "verbose_solver", False))
     if verbose:
         print(f"----- SOLVER: {method} {name} mi={max_iters}")
+    backend = requested_backend(backend)
+    if save_trajectory and backend != "torch":
+        if backend != "auto":
+            raise ValueError(f"save_trajectory needs the plain published solver (backend 'torch'): the fused engine "
+                             f"(backend {backend!r}) keeps no iterates")
+        _ext.warn_once("published-trajectory", "ldeq_fast: save_trajectory runs the plain published solver "
+                       "(backend 'torch'; the fused engine keeps no iterates)")
+        backend = "torch"
+    kw = {}
     if method == "anderson":
         m, lam, beta = (_arg(solver_args, k, "solver='anderson'") for k in _SOLVER_FIELDS["anderson"])
-        solution, stats = anderson_published(f, x0, max_iters, tol, stop_mode, int(m), float(lam), float(beta),
-                                             save_trajectory=save_trajectory)
+        kw = dict(m=int(m), lam=float(lam), beta=float(beta))
+    if save_trajectory:  # the plain published solvers keep the iterates
+        if method == "anderson":
+            solution, stats = anderson_published(f, x0, max_iters, tol, stop_mode, kw["m"], kw["lam"], kw["beta"],
+                                                 save_trajectory=True)
+        else:
+            solution, stats = fixed_point_published(f, x0, max_iters, tol, stop_mode, save_trajectory=True)
+        note("solver", stats.backend)
+    else:
+        solution, stats = solve(f, x0, method=method, max_iter=max_iters, tol=tol, stop_mode=stop_mode,
+                                semantics="published", backend=backend, **kw)
+    stats.extra = _host_extras(stats)
+    if method == "anderson":
         final_abs, final_rel = min(stats.extra["trace_abs"]), min(stats.extra["trace_rel"])
     else:
-        solution, stats = fixed_point_published(f, x0, max_iters, tol, stop_mode, save_trajectory=save_trajectory)
         final_abs, final_rel = stats.extra["trace_abs"][-1], stats.extra["trace_rel"][-1]
     if verbose:
         print(f"      {name}: {stats.extra['n_iters']} iterations, abs diff {final_abs:.2E}, rel diff {final_rel:.2E}")
@@ -182,7 +225,7 @@ class LDEQ(_LDEQ):
                               m=int(getattr(args, "anderson_m", 6)), lam=float(getattr(args, "anderson_lam", 1e-4)),
                               lam_mode=self.cfg.lam_mode if per_sample else "absolute",
                               beta=float(getattr(args, "anderson_beta", 1.0)), semantics=semantics,
-                              backend=self.cfg.backend if per_sample else "torch", check_every=self.cfg.check_every)
+                              backend=self.cfg.backend, check_every=self.cfg.check_every)
 
     def _implicit_published(self, f, z0, args, save_trajectory):
         zs = z0.shape
@@ -194,7 +237,7 @@ class LDEQ(_LDEQ):
         max_iters, backward_iters = self._depths(args)
         with torch.no_grad():
             z_star, logs, stats = _root_solve(func, z0.reshape(solver_shape), max_iters, args, False,
-                                              save_trajectory, "forward")
+                                              save_trajectory, "forward", self.cfg.backend)
         if self.training and torch.is_grad_enabled():
             z_star = z_star.detach().requires_grad_()
             z_new = func(z_star)  # the one tracked step

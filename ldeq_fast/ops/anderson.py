@@ -10,8 +10,27 @@ State per solve (B samples of D values, history length m, acc = float64 for floa
 
 Per iteration k (slot s = k % m, n = min(k + 1, m) valid slots):
   norms = anderson_update(fx, x, F, G, gram, active, s, n)   one pass over D
-  alpha = anderson_step(gram, norms, flags, stat, nstep, trace, k, n, ...)   per sample, tiny
-  anderson_mix(F, G, alpha, flags, x, best, s, n, beta, mix)   one pass over D
+  alpha = anderson_step(gram, norms, flags, stat, nstep, trace, k, n, ..., policy)   per sample, tiny
+  anderson_mix(F, G, alpha, flags, x, best, s, n, beta, mix, best_from_x)   one pass over D
+
+``norms`` (B, 3) = (||g||^2, ||fx||^2, ||fx + 1e-5||^2): the last is the published relative residual's
+denominator (the 1e-5 added elementwise before the norm), one more accumulator in the same pass.
+
+``policy`` of anderson_step (the solver policy; the kernels are the same otherwise):
+  POLICY_PER_SAMPLE (0)   per-sample stopping, divergence freezing, best = the image f(x) with the lowest
+                          residual of the sample (ldeq_fast/solvers/reference.py);
+  POLICY_PUBLISHED_ANDERSON (1)  the published Anderson (ldeq_fast/solvers/published.py): residual
+                          rel = ||g|| / ||fx + 1e-5||; iterations k >= 2 count (the published code's first
+                          recorded residual is that of its X_2 = the engine's x_2); stop every sample when the
+                          *batch mean* of the stop-mode residual < tol; best = the iterate x (not fx, so the
+                          mix is called with best_from_x=True) with the lowest batch mean, ties keep the
+                          earlier, the first counted one always taken; no divergence freezing.
+                          stat rows 0/1/2 hold the lowest batch means of the stop mode / abs / rel (each
+                          tracked on its own, as the published code does); trace[k] the batch mean.
+  POLICY_PUBLISHED_FPI (2)  the published fixed-point iteration: rel = ||g|| / (||fx|| + 1e-5), every
+                          iteration counts, batch-mean stop, best = the last image (improved every counted
+                          iteration); stat rows 0/1/2 the last batch means.
+The batch means are over all B samples (in a published solve every sample is active or none is).
 
 Each is one op, ``torch.ops.ldeq_fast.anderson_{update,step,mix}``: CPU kernel csrc/cpu/anderson.cpp, CUDA
 kernel kernels/anderson_{update,step,mix}.py (Triton), references ``anderson_*_ref`` below (the oracle of the
@@ -28,6 +47,9 @@ import torch
 from ldeq_fast.ops import define, load_triton_kernels, resolve, triton_launcher
 
 MAX_M = 64  # the C++ small solve uses stack arrays of this size
+POLICY_PER_SAMPLE, POLICY_PUBLISHED_ANDERSON, POLICY_PUBLISHED_FPI = 0, 1, 2
+POLICIES = (POLICY_PER_SAMPLE, POLICY_PUBLISHED_ANDERSON, POLICY_PUBLISHED_FPI)
+PUBLISHED_EPS = 1e-5  # the published residual's eps (both solvers)
 _STATE_DTYPES = (torch.float32, torch.float64)
 
 
@@ -89,7 +111,7 @@ def check_update_args(fx, x, F, G, gram, active, slot, n):
           "active must be a contiguous bool (B,) tensor")
 
 
-def check_step_args(gram, norms, flags, stat, nstep, trace, k, n, lam):
+def check_step_args(gram, norms, flags, stat, nstep, trace, k, n, lam, policy=POLICY_PER_SAMPLE):
     op = "anderson_step"
     _need(gram.dim() == 3 and gram.shape[1] == gram.shape[2] and gram.is_contiguous(), op,
           f"gram must be a contiguous (B, m, m) tensor, got {tuple(gram.shape)}")
@@ -100,8 +122,10 @@ def check_step_args(gram, norms, flags, stat, nstep, trace, k, n, lam):
     _need(k >= 0, op, f"iteration k must be >= 0, got {k}")
     _check_slots(op, k % m, n, m)
     _need(lam >= 0 and lam != float("inf"), op, f"lam must be finite and >= 0, got {lam}")
+    _need(policy in POLICIES, op, f"policy must be one of {POLICIES} (per-sample, published anderson, published "
+          f"fpi), got {policy}")
     _check_flags(op, flags, B)
-    _check_acc(op, "norms", norms, (B, 2), acc)
+    _check_acc(op, "norms", norms, (B, 3), acc)
     _check_acc(op, "stat", stat, (4, B), acc)
     _need(nstep.dtype == torch.int64 and tuple(nstep.shape) == (B,) and nstep.is_contiguous(), op,
           "nstep must be a contiguous int64 (B,) tensor")
@@ -126,17 +150,19 @@ def check_mix_args(F, G, alpha, flags, x, best, slot, n, beta):
 
 def anderson_update_ref(fx, x, F, G, gram, active, slot: int, n: int) -> torch.Tensor:
     """F[:, s] = fx, G[:, s] = fx - x, Gram row/column s over the n valid slots, for active samples.
-    Returns norms (B, 2) = (||g||^2, ||fx||^2), zero for inactive samples.  Sums in float64."""
+    Returns norms (B, 3) = (||g||^2, ||fx||^2, ||fx + 1e-5||^2), zero for inactive samples.  Sums in
+    float64 (fx + 1e-5 rounded in the state's dtype first, as the published code adds it)."""
     act = active[:, None]
     g = fx - x
     F[:, slot] = torch.where(act, fx, F[:, slot])
     G[:, slot] = torch.where(act, g, G[:, slot])
     dots = torch.einsum("bd,bjd->bj", g.double(), G[:, :n].double())  # column s is ||g||^2
     ff = fx.double().square().sum(1)
+    fe = (fx + PUBLISHED_EPS).double().square().sum(1)
     new = dots.to(gram.dtype)
     gram[:, slot, :n] = torch.where(act, new, gram[:, slot, :n])
     gram[:, :n, slot] = torch.where(act, new, gram[:, :n, slot])
-    norms = torch.stack([dots[:, slot], ff], 1).to(gram.dtype)
+    norms = torch.stack([dots[:, slot], ff, fe], 1).to(gram.dtype)
     return torch.where(act, norms, torch.zeros_like(norms))
 
 
@@ -173,10 +199,49 @@ def anderson_weights_from_gram(gram: torch.Tensor, n: int, slot: int, lam: float
     return alpha
 
 
+def _published_step_ref(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled, policy):
+    act = flags[0].clone()
+    abs_r = norms[:, 0].sqrt()
+    if policy == POLICY_PUBLISHED_ANDERSON:
+        rel_r = abs_r / norms[:, 2].sqrt()
+    else:
+        rel_r = abs_r / (norms[:, 1].sqrt() + PUBLISHED_EPS)
+    # batch means, summed and divided in float64 then rounded to the statistics' dtype (so every
+    # backend's summation order gives the same value in all but the rarest cases)
+    B = abs_r.shape[0]
+    mean_abs = (abs_r.double().sum() / B).to(abs_r.dtype)
+    mean_rel = (rel_r.double().sum() / B).to(rel_r.dtype)
+    mres = mean_rel if stop_rel else mean_abs
+    counted = act & (k >= (2 if policy == POLICY_PUBLISHED_ANDERSON else 0))
+    if policy == POLICY_PUBLISHED_ANDERSON:
+        first = k == 2
+        imp = counted & ((mres < stat[0]) | first)
+        imp_abs = counted & ((mean_abs < stat[1]) | first)
+        imp_rel = counted & ((mean_rel < stat[2]) | first)
+    else:
+        imp = imp_abs = imp_rel = counted
+    stat[0] = torch.where(imp, mres, stat[0])
+    stat[1] = torch.where(imp_abs, mean_abs, stat[1])
+    stat[2] = torch.where(imp_rel, mean_rel, stat[2])
+    nstep += act.long()
+    trace[k] = torch.where(counted, mres, torch.full_like(mres, float("nan")))
+    below = counted & (mres < tol)
+    flags[1] |= below
+    flags[0] = act & ~below
+    flags[3] = imp
+    alpha = anderson_weights_from_gram(gram, n, k % gram.shape[1], lam, lam_scaled).to(gram.dtype)
+    return torch.where(flags[0][:, None], alpha, torch.zeros_like(alpha))
+
+
 def anderson_step_ref(gram, norms, flags, stat, nstep, trace, k: int, n: int, tol: float, stop_rel: bool,
-                      lam: float, lam_scaled: bool, divergence_factor: float) -> torch.Tensor:
-    """Per-sample bookkeeping of iteration k (residual, divergence, best, stop masks, stats; see
-    ldeq_fast/solvers/reference.py) and the Anderson weights (B, m) for the samples still active."""
+                      lam: float, lam_scaled: bool, divergence_factor: float,
+                      policy: int = POLICY_PER_SAMPLE) -> torch.Tensor:
+    """Bookkeeping of iteration k (residual, divergence, best, stop masks, stats: per sample, see
+    ldeq_fast/solvers/reference.py, or batch-mean under a published ``policy``, see the module doc) and the
+    Anderson weights (B, m) for the samples still active."""
+    if policy != POLICY_PER_SAMPLE:
+        return _published_step_ref(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled,
+                                   policy)
     act = flags[0].clone()
     abs_r = norms[:, 0].sqrt()
     rel_r = abs_r / (norms[:, 1].sqrt() + 1e-5)
@@ -199,9 +264,11 @@ def anderson_step_ref(gram, norms, flags, stat, nstep, trace, k: int, n: int, to
     return torch.where(flags[0][:, None], alpha, torch.zeros_like(alpha))
 
 
-def anderson_mix_ref(F, G, alpha, flags, x, best, slot: int, n: int, beta: float, mix: bool) -> None:
-    """best = F[:, s] where improved; if ``mix``: x = sum_{j<n} alpha_j (F_j - (1 - beta) G_j) where active."""
-    best.copy_(torch.where(flags[3][:, None], F[:, slot], best))
+def anderson_mix_ref(F, G, alpha, flags, x, best, slot: int, n: int, beta: float, mix: bool,
+                     best_from_x: bool = False) -> None:
+    """best = F[:, s] (or, with ``best_from_x``, the iterate x before this mix) where improved; if ``mix``:
+    x = sum_{j<n} alpha_j (F_j - (1 - beta) G_j) where active."""
+    best.copy_(torch.where(flags[3][:, None], x if best_from_x else F[:, slot], best))
     if mix:
         hist = F[:, :n] if beta == 1.0 else F[:, :n] - (1.0 - beta) * G[:, :n]
         x_new = torch.einsum("bj,bjd->bd", alpha[:, :n].to(x.dtype), hist)
@@ -212,14 +279,15 @@ def anderson_mix_ref(F, G, alpha, flags, x, best, slot: int, n: int, beta: float
 # the ops
 
 def _update_fake(fx, x, F, G, gram, active, slot, n):
-    return gram.new_empty(x.shape[0], 2)
+    return gram.new_empty(x.shape[0], 3)
 
 
-def _step_fake(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled, divergence_factor):
+def _step_fake(gram, norms, flags, stat, nstep, trace, k, n, tol, stop_rel, lam, lam_scaled, divergence_factor,
+               policy=POLICY_PER_SAMPLE):
     return gram.new_empty(gram.shape[0], gram.shape[1])
 
 
-def _mix_fake(F, G, alpha, flags, x, best, slot, n, beta, mix):
+def _mix_fake(F, G, alpha, flags, x, best, slot, n, beta, mix, best_from_x=False):
     return None
 
 
@@ -227,9 +295,9 @@ UPDATE = define("anderson_update", "(Tensor fx, Tensor x, Tensor(a!) F, Tensor(b
                 "int slot, int n) -> Tensor", fake=_update_fake, cuda=triton_launcher("anderson_update", "anderson_update"))
 STEP = define("anderson_step", "(Tensor gram, Tensor norms, Tensor(a!) flags, Tensor(b!) stat, Tensor(c!) nstep, "
               "Tensor(d!) trace, int k, int n, float tol, bool stop_rel, float lam, bool lam_scaled, "
-              "float divergence_factor) -> Tensor", fake=_step_fake, cuda=triton_launcher("anderson_step", "anderson_step"))
+              "float divergence_factor, int policy=0) -> Tensor", fake=_step_fake, cuda=triton_launcher("anderson_step", "anderson_step"))
 MIX = define("anderson_mix", "(Tensor F, Tensor G, Tensor alpha, Tensor flags, Tensor(a!) x, Tensor(b!) best, int slot, "
-             "int n, float beta, bool mix) -> ()", fake=_mix_fake, cuda=triton_launcher("anderson_mix", "anderson_mix"))
+             "int n, float beta, bool mix, bool best_from_x=False) -> ()", fake=_mix_fake, cuda=triton_launcher("anderson_mix", "anderson_mix"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -277,23 +345,27 @@ def _ops(t: torch.Tensor, backend: str | None, op: str) -> AndersonOps:
 
 def anderson_update(fx, x, F, G, gram, active, slot: int, n: int, backend: str | None = None) -> torch.Tensor:
     """Write F[:, slot] = fx and G[:, slot] = fx - x and the Gram row/column ``slot`` (over the first n
-    slots) for the active samples; return norms (B, 2) = (||fx - x||^2, ||fx||^2), 0 where inactive."""
+    slots) for the active samples; return norms (B, 3) = (||fx - x||^2, ||fx||^2, ||fx + 1e-5||^2), 0 where
+    inactive."""
     check_update_args(fx, x, F, G, gram, active, slot, n)
     return _ops(x, backend, "anderson_update").update(fx, x, F, G, gram, active, slot, n)
 
 
 def anderson_step(gram, norms, flags, stat, nstep, trace, k: int, n: int, tol: float, stop_rel: bool, lam: float,
-                  lam_scaled: bool, divergence_factor: float, backend: str | None = None) -> torch.Tensor:
+                  lam_scaled: bool, divergence_factor: float, policy: int = POLICY_PER_SAMPLE,
+                  backend: str | None = None) -> torch.Tensor:
     """Bookkeeping of iteration k for every sample (updates flags, stat, nstep, trace in place) and the
-    Anderson weights alpha (B, m) (zero for samples no longer active)."""
-    check_step_args(gram, norms, flags, stat, nstep, trace, k, n, lam)
+    Anderson weights alpha (B, m) (zero for samples no longer active); ``policy``: see the module doc."""
+    check_step_args(gram, norms, flags, stat, nstep, trace, k, n, lam, policy)
     return _ops(gram, backend, "anderson_step").step(gram, norms, flags, stat, nstep, trace, k, n, float(tol),
                                                      bool(stop_rel), float(lam), bool(lam_scaled),
-                                                     float(divergence_factor))
+                                                     float(divergence_factor), int(policy))
 
 
 def anderson_mix(F, G, alpha, flags, x, best, slot: int, n: int, beta: float, mix: bool = True,
-                 backend: str | None = None) -> None:
-    """best = F[:, slot] where improved; if ``mix``, x = sum_j alpha_j (F_j - (1 - beta) G_j) where active."""
+                 best_from_x: bool = False, backend: str | None = None) -> None:
+    """best = F[:, slot] (or the iterate x before the mix, ``best_from_x``) where improved; if ``mix``,
+    x = sum_j alpha_j (F_j - (1 - beta) G_j) where active."""
     check_mix_args(F, G, alpha, flags, x, best, slot, n, beta)
-    _ops(x, backend, "anderson_mix").mix(F, G, alpha, flags, x, best, slot, n, float(beta), bool(mix))
+    _ops(x, backend, "anderson_mix").mix(F, G, alpha, flags, x, best, slot, n, float(beta), bool(mix),
+                                         bool(best_from_x))

@@ -6,14 +6,19 @@
   ldeq_fast/solvers/reference.py for the exact conventions).  ``backend='torch'`` runs the plain
   reference; any other backend runs the fused engine (ldeq_fast/solvers/fused.py), whose Anderson ops run
   the C++ kernels on CPU and the Triton kernels on CUDA (see ldeq_fast.ops.resolve).
-* ``semantics='published'``: the published code's batch-mean stopping, for parity runs.
+* ``semantics='published'``: the published code's batch-mean stopping and best-iterate return, for parity
+  runs.  ``backend='torch'`` runs the plain published solvers (ldeq_fast/solvers/published.py, the
+  published code's own arithmetic and speed); any other backend runs them on the fused engine
+  (``published_fused``: the same Anderson ops with their published policies).
+* ``method='broyden'`` has no fused kernels: backend 'cpp' or 'triton' is an error; 'auto' runs the
+  PyTorch reference with one warning and records 'torch'.
 
 The state is float32 (float64 for a float64 z0) whatever z0's dtype or autocast (ldeq_fast/numerics.py).
 ``SolverStats.backend`` says what ran; inside ``ldeq_fast.ops.recording_backends()`` it is noted as 'solver'.
 """
 from __future__ import annotations
 
-from ldeq_fast import numerics
+from ldeq_fast import _ext, numerics
 from ldeq_fast.ops import note, requested_backend
 from ldeq_fast.solvers.published import anderson_published, fixed_point_published
 from ldeq_fast.solvers.reference import (
@@ -61,17 +66,30 @@ def solve(f, z0, method: str = "anderson", max_iter: int = 10, tol: float = 1e-3
 
 def _solve(f, z0, method, max_iter, tol, stop_mode, m, lam, lam_mode, beta, damping, semantics, backend, check_every,
            fixed_iters, divergence_factor):
-    if semantics == "published":
-        if method == "anderson":
-            return anderson_published(f, z0, max_iter, tol, stop_mode, m, lam, beta)
-        if method == "fpi":
-            return fixed_point_published(f, z0, max_iter, tol, stop_mode)
-        raise ValueError("semantics='published' supports anderson and fpi (the published broyden is not "
-                         "used by LDEQ inference)")
-    if semantics != "per_sample":
+    if semantics not in ("per_sample", "published"):
         raise ValueError(f"semantics must be 'per_sample' or 'published', not {semantics!r}")
     backend = requested_backend(backend)
-    if method == "broyden" or backend == "torch":
+    if method == "broyden":
+        if semantics == "published":
+            raise ValueError("semantics='published' supports anderson and fpi (the published broyden is not "
+                             "used by LDEQ inference)")
+        if backend in ("cpp", "triton"):
+            raise ValueError(f"method='broyden' has no fused kernels, so backend={backend!r} cannot run it: use "
+                             "backend='torch' (or 'auto', which runs the PyTorch reference and records 'torch')")
+        if backend == "auto":
+            _ext.warn_once("broyden-auto", "ldeq_fast: method='broyden' has no fused kernels; backend 'auto' runs "
+                           "the PyTorch reference solver (recorded as backend 'torch')")
+        return broyden_reference(f, z0, max_iter, tol, stop_mode, divergence_factor)
+    if semantics == "published":
+        if backend == "torch":  # the plain published solvers: the reference the fused engine is measured against
+            if method == "anderson":
+                return anderson_published(f, z0, max_iter, tol, stop_mode, m, lam, beta)
+            return fixed_point_published(f, z0, max_iter, tol, stop_mode)
+        from ldeq_fast.solvers.fused import published_fused  # noqa: PLC0415 - keeps import light
+
+        return published_fused(f, z0, method, max_iter=max_iter, tol=tol, stop_mode=stop_mode, m=m, lam=lam,
+                               beta=beta, backend=backend, check_every=check_every, fixed_iters=fixed_iters)
+    if backend == "torch":
         if method == "anderson":
             return anderson_reference(f, z0, max_iter, tol, stop_mode, m, lam, lam_mode, beta, divergence_factor)
         if method == "fpi":

@@ -14,6 +14,17 @@ with ``fixed_iters=True`` (then the solve can be captured in a CUDA graph or tra
 
 The engine runs under ``torch.no_grad()``: a DEQ forward solve needs no graph (gradients come from
 implicit differentiation or a final tracked step of f).
+
+``published_fused`` runs the published solvers' semantics (ldeq_fast/solvers/published.py) on the same
+engine and ops, with the ops' published policies (ldeq_fast/ops/anderson.py): batch-mean stopping, the
+published residuals, Anderson returning its best *iterate*.  Index mapping (published -> engine): the
+published X_0 = z0 is x_0; X_1 = F_0 = f(z0) is x_1 (the engine's first mix has one slot, alpha = 1, and
+runs at beta = 1 as the published code's X_1 does); X_k (k >= 2, mixed over n = min(k, m) slots) is the
+engine's x_k, mixed at iteration k - 1 over min(k, m) slots; the published code records the residual of
+X_k after evaluating F_k = f(X_k), the engine's iteration k.  So a published Anderson with max_iter N is
+the engine with N + 2 iterations whose first two are not counted (POLICY_PUBLISHED_ANDERSON), and the
+published fixed-point iteration (x <- f(x), return the last image) is the engine with m = 1, beta = 1 and
+N iterations (POLICY_PUBLISHED_FPI).
 """
 from __future__ import annotations
 
@@ -21,7 +32,15 @@ import math
 
 import torch
 
-from ldeq_fast.ops.anderson import MAX_M, acc_dtype, ops_for, resolve_backend
+from ldeq_fast.ops.anderson import (
+    MAX_M,
+    POLICY_PER_SAMPLE,
+    POLICY_PUBLISHED_ANDERSON,
+    POLICY_PUBLISHED_FPI,
+    acc_dtype,
+    ops_for,
+    resolve_backend,
+)
 from ldeq_fast.solvers.reference import DIVERGENCE_FACTOR
 from ldeq_fast.solvers.stats import SolverStats
 
@@ -81,11 +100,21 @@ def anderson_fused(f, z0: torch.Tensor, max_iter: int = 10, tol: float = 1e-3, s
     frozen by masks either way.  ``method`` only labels the stats ('fpi' callers pass m=1, beta=damping).
     """
     _check_args(z0, max_iter, tol, stop_mode, m, lam, lam_mode, beta, check_every, divergence_factor)
-    max_iter, m, check_every = int(max_iter), int(m), int(check_every)
+    best, stats, _ = _run(f, z0, int(max_iter), tol, stop_mode, int(m), lam, lam_mode == "scaled", beta, backend,
+                          int(check_every), fixed_iters, divergence_factor, POLICY_PER_SAMPLE)
+    stats.method = method
+    return best, stats
+
+
+def _run(f, z0, max_iter, tol, stop_mode, m, lam, lam_scaled, beta, backend, check_every, fixed_iters,
+         divergence_factor, policy):
+    """The engine's loop.  Returns (best in z0's shape, SolverStats, the list of per-iteration norms)."""
     # with max_iter < m the extra ring slots would never be written: same iterates, less memory
     m = min(m, max_iter)
     shape = z0.shape
     B = shape[0]
+    norms_seen = []
+    published_anderson = policy == POLICY_PUBLISHED_ANDERSON
     with torch.no_grad():
         x = z0.reshape(B, -1).clone(memory_format=torch.contiguous_format)
         D = x.shape[1]
@@ -101,19 +130,73 @@ def anderson_fused(f, z0: torch.Tensor, max_iter: int = 10, tol: float = 1e-3, s
         nstep = torch.zeros(B, dtype=torch.int64, device=x.device)
         trace = torch.full((max_iter, B), float("nan"), dtype=acc, device=x.device)
         best = x.clone()  # a sample that diverges at its first evaluation keeps z0, as in the reference
-        stop_rel, lam_scaled = stop_mode == "rel", lam_mode == "scaled"
+        stop_rel = stop_mode == "rel"
         for k in range(max_iter):
             fx = _image(f, x, shape)
             slot, n = k % m, min(k + 1, m)
             norms = ops.update(fx, x, F, G, gram, flags[0], slot, n)
+            if policy != POLICY_PER_SAMPLE:
+                norms_seen.append(norms)  # a fresh tensor per iteration: kept, not copied
             alpha = ops.step(gram, norms, flags, stat, nstep, trace, k, n, float(tol), stop_rel, float(lam),
-                             lam_scaled, float(divergence_factor))
+                             lam_scaled, float(divergence_factor), policy)
             last = k == max_iter - 1
-            ops.mix(F, G, alpha, flags, x, best, slot, n, float(beta), not last)
+            # the published X_1 is f(z0) whatever beta (the engine's first mix has alpha = 1)
+            b = 1.0 if published_anderson and k == 0 else float(beta)
+            ops.mix(F, G, alpha, flags, x, best, slot, n, b, not last, published_anderson)
             if (not fixed_iters and check_every and not last and (k + 1) % check_every == 0
                     and not bool(flags[0].any())):
                 break
-    stats = SolverStats(method=method, max_iter=max_iter, nstep=nstep, best_residual=stat[0], abs_residual=stat[1],
-                        rel_residual=stat[2], trace=trace, converged=flags[1], diverged=flags[2], stop_mode=stop_mode,
-                        tol=tol, backend=ops.backend, semantics="per_sample")
-    return best.view(shape), stats
+    stats = SolverStats(method="anderson", max_iter=max_iter, nstep=nstep, best_residual=stat[0],
+                        abs_residual=stat[1], rel_residual=stat[2], trace=trace, converged=flags[1], diverged=flags[2],
+                        stop_mode=stop_mode, tol=tol, backend=ops.backend, semantics="per_sample")
+    return best.view(shape), stats, norms_seen
+
+
+def published_fused(f, z0: torch.Tensor, method: str = "anderson", max_iter: int = 10, tol: float = 5e-3,
+                    stop_mode: str = "rel", m: int = 6, lam: float = 1e-4, beta: float = 1.0,
+                    backend: str | None = "auto", check_every: int = 1, fixed_iters: bool = False):
+    """The published solvers (``anderson_published`` / ``fixed_point_published``) on the fused engine.
+    Returns (z, SolverStats) with the published path's conventions: ``semantics='published'``, per-sample
+    fields holding the batch values, nstep = the published n_iters, trace (T, B) the batch-mean residual of
+    the stop mode per recorded iteration (NaN after the stop), and ``extra`` n_iters, trace_abs, trace_rel,
+    stability (device tensors: reading them is the caller's host sync), nstep_best (Anderson) and trajectory
+    (always empty: the engine keeps no iterates).  f is evaluated max_iter + 2 (Anderson) or max_iter (fpi)
+    times at most, as published."""
+    if method not in ("anderson", "fpi"):
+        raise ValueError(f"published_fused runs the published 'anderson' and 'fpi', not {method!r}")
+    anderson = method == "anderson"
+    if anderson and int(m) != m or (anderson and m < 2):
+        raise ValueError(f"the published Anderson needs a history length m >= 2 (it stores X_0 and X_1), got {m}")
+    if not anderson:
+        m, beta = 1, 1.0
+    _check_args(z0, max_iter, tol, stop_mode, m, lam, "absolute", beta, check_every, DIVERGENCE_FACTOR)
+    max_iter = int(max_iter)
+    iters = max_iter + 2 if anderson else max_iter
+    policy = POLICY_PUBLISHED_ANDERSON if anderson else POLICY_PUBLISHED_FPI
+    best, st, norms_seen = _run(f, z0, iters, tol, stop_mode, int(m), lam, False, beta, backend, int(check_every),
+                                fixed_iters, DIVERGENCE_FACTOR, policy)
+    skip = 2 if anderson else 0
+    with torch.no_grad():
+        # the batch-mean traces of both modes, from the norms the step saw (no host sync)
+        nrm = torch.stack(norms_seen[skip:])                     # (R, B, 3)
+        abs_r = nrm[..., 0].sqrt()
+        rel_r = abs_r / (nrm[..., 2].sqrt() if anderson else nrm[..., 1].sqrt() + 1e-5)
+        tr_abs = (abs_r.double().mean(1)).to(abs_r.dtype)
+        tr_rel = (rel_r.double().mean(1)).to(rel_r.dtype)
+        n_iters = st.nstep.max() - skip                            # = the published loop's count
+        recorded = torch.arange(tr_abs.shape[0], device=tr_abs.device) < n_iters
+        tr_abs = torch.where(recorded, tr_abs, float("nan"))
+        tr_rel = torch.where(recorded, tr_rel, float("nan"))
+        rose = recorded[1:] & (tr_abs[1:] > tr_abs[:-1])
+        stability = (~rose.any()).long()
+        trace = st.trace[skip:]
+        extra = {"n_iters": n_iters, "stability": stability, "trajectory": [], "trace_abs": tr_abs,
+                 "trace_rel": tr_rel}
+        if anderson:  # the published lowest_step: iteration index (2-based) of the lowest stop-mode mean
+            tr = trace[:, 0]
+            extra["nstep_best"] = 2 + torch.argmin(torch.where(tr == tr, tr, float("inf")))
+        stats = SolverStats(method=method, max_iter=max_iter, nstep=(st.nstep - skip), best_residual=st.best_residual,
+                            abs_residual=st.abs_residual, rel_residual=st.rel_residual, trace=trace,
+                            converged=st.best_residual < tol, diverged=~torch.isfinite(st.best_residual),
+                            stop_mode=stop_mode, tol=tol, backend=st.backend, semantics="published", extra=extra)
+    return best, stats
