@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -33,6 +34,16 @@ class SolverSettings:
     backend: str = "auto"
     check_every: int = 1
     fixed_iters: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, max_iter: int, **changes) -> "SolverSettings":
+        """The settings an LDEQConfig describes, for ``max_iter`` iterations: the one place a config becomes
+        solver settings (the model's forward and backward solves, the tracker, the compat layer)."""
+        per_sample = cfg.solver_semantics == "per_sample"
+        s = cls(method=cfg.solver, max_iter=int(max_iter), tol=cfg.tol, stop_mode=cfg.stop_mode, m=cfg.anderson_m,
+                lam=cfg.anderson_lam, lam_mode=cfg.lam_mode if per_sample else "absolute", beta=cfg.anderson_beta,
+                semantics=cfg.solver_semantics, backend=cfg.backend, check_every=cfg.check_every)
+        return dataclasses.replace(s, **changes)
 
     def kwargs(self) -> dict:
         return dict(method=self.method, max_iter=self.max_iter, tol=self.tol, stop_mode=self.stop_mode, m=self.m,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_published_checkpoint import published_args, write_published
 
-from ldeq_fast import _ext
+from ldeq_fast import _ext, notices
 from ldeq_fast.compat.published import LDEQ, load_checkpoint, root_solver, weights_init
 from ldeq_fast.model.published import CheckpointError, load_published
 
@@ -230,7 +230,7 @@ def test_trajectory_explicit_mode_and_default_args(ckpt_path):
             with pytest.raises(ValueError, match="save_trajectory"):
                 forced(x, mode="implicit", args=a, z0=z0, save_trajectory=True)
         auto, _ = load_like_the_script(ckpt_path)  # 'auto' runs the plain solver for it, recorded as such
-        with pytest.warns(RuntimeWarning, match="save_trajectory") if "published-trajectory" not in _ext._warned \
+        with pytest.warns(RuntimeWarning, match="save_trajectory") if "published-trajectory" not in notices._said \
                 else contextlib.nullcontext():
             auto(x, mode="implicit", args=a, z0=z0, save_trajectory=True)
         assert auto.last_stats.backend == "torch"

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from ldeq_fast import _ext
+from ldeq_fast import _ext, notices
 from ldeq_fast.solvers import solve
 from ldeq_fast.solvers.fused import anderson_fused
 from ldeq_fast.solvers.reference import anderson_reference, fixed_point_reference
@@ -456,7 +456,7 @@ def test_forced_backend_is_honoured():
     for be in ("cpp", "triton"):
         with pytest.raises(ValueError, match=r"broyden.*" + be):
             solve(f, z0, method="broyden", max_iter=4, backend=be)
-    _ext._warned.discard("broyden-auto")
+    notices._said.discard("broyden-auto")
     with pytest.warns(RuntimeWarning, match="broyden"), recording_backends() as ran:
         _, st = solve(f, z0, method="broyden", max_iter=4, backend="auto")
     assert st.backend == "torch" and ran["solver"] == "torch"

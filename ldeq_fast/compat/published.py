@@ -37,7 +37,7 @@ from ldeq_fast.model.published import (
     published_args_to_config,
     read_checkpoint,
 )
-from ldeq_fast import _ext
+from ldeq_fast.notices import warn_once
 from ldeq_fast.ops import note, requested_backend
 from ldeq_fast.ops.heatmap import heatmap_keypoints_ref
 from ldeq_fast.solvers import solve
@@ -128,7 +128,7 @@ def _root_solve(f, x0, max_iters, solver_args, stochastic_max_iters, save_trajec
         if backend != "auto":
             raise ValueError(f"save_trajectory needs the plain published solver (backend 'torch'): the fused engine "
                              f"(backend {backend!r}) keeps no iterates")
-        _ext.warn_once("published-trajectory", "ldeq_fast: save_trajectory runs the plain published solver "
+        warn_once("published-trajectory", "ldeq_fast: save_trajectory runs the plain published solver "
                        "(backend 'torch'; the fused engine keeps no iterates)")
         backend = "torch"
     kw = {}
@@ -219,13 +219,14 @@ class LDEQ(_LDEQ):
                 backward_depth(mi, stochastic, self.cfg.backward_max_iters))
 
     def _settings(self, args, max_iters: int, semantics: str) -> SolverSettings:
+        """The solver settings of ``args`` read now (the RwR recipe changes them between calls), through the
+        model's config."""
         stop_mode, tol = _tolerance(args)
-        per_sample = semantics == "per_sample"
-        return SolverSettings(method=args.solver, max_iter=max_iters, tol=tol, stop_mode=stop_mode,
-                              m=int(getattr(args, "anderson_m", 6)), lam=float(getattr(args, "anderson_lam", 1e-4)),
-                              lam_mode=self.cfg.lam_mode if per_sample else "absolute",
-                              beta=float(getattr(args, "anderson_beta", 1.0)), semantics=semantics,
-                              backend=self.cfg.backend, check_every=self.cfg.check_every)
+        cfg = self.cfg.replace(solver=args.solver, stop_mode=stop_mode, **{f"{stop_mode}_tol": tol},
+                               anderson_m=int(getattr(args, "anderson_m", 6)),
+                               anderson_lam=float(getattr(args, "anderson_lam", 1e-4)),
+                               anderson_beta=float(getattr(args, "anderson_beta", 1.0)), solver_semantics=semantics)
+        return SolverSettings.from_config(cfg, max_iters)
 
     def _implicit_published(self, f, z0, args, save_trajectory):
         zs = z0.shape

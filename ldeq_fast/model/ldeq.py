@@ -142,13 +142,7 @@ class LDEQ(nn.Module):
             mi = backward_depth(mi, c.stochastic_max_iters, c.backward_max_iters)
         else:
             mi = forward_depth(mi, c.stochastic_max_iters, self.training)
-        s = SolverSettings(method=c.solver, max_iter=mi, tol=c.tol, stop_mode=c.stop_mode, m=c.anderson_m,
-                           lam=c.anderson_lam, lam_mode=c.lam_mode if c.solver_semantics == "per_sample" else "absolute",
-                           beta=c.anderson_beta, semantics=c.solver_semantics, backend=c.backend,
-                           check_every=c.check_every)
-        for k, v in changes.items():
-            setattr(s, k, v)
-        return s
+        return SolverSettings.from_config(c, mi, **changes)
 
     # ------------------------------------------------------------------ the stages of forward
     # forward = check_inputs -> injection -> initial_z0 -> solve -> read_out; every tool that runs the model

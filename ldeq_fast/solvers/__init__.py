@@ -18,7 +18,8 @@ The state is float32 (float64 for a float64 z0) whatever z0's dtype or autocast 
 """
 from __future__ import annotations
 
-from ldeq_fast import _ext, numerics
+from ldeq_fast import numerics
+from ldeq_fast.notices import warn_once
 from ldeq_fast.ops import note, requested_backend
 from ldeq_fast.solvers.published import anderson_published, fixed_point_published
 from ldeq_fast.solvers.reference import (
@@ -77,7 +78,7 @@ def _solve(f, z0, method, max_iter, tol, stop_mode, m, lam, lam_mode, beta, damp
             raise ValueError(f"method='broyden' has no fused kernels, so backend={backend!r} cannot run it: use "
                              "backend='torch' (or 'auto', which runs the PyTorch reference and records 'torch')")
         if backend == "auto":
-            _ext.warn_once("broyden-auto", "ldeq_fast: method='broyden' has no fused kernels; backend 'auto' runs "
+            warn_once("broyden-auto", "ldeq_fast: method='broyden' has no fused kernels; backend 'auto' runs "
                            "the PyTorch reference solver (recorded as backend 'torch')")
         return broyden_reference(f, z0, max_iter, tol, stop_mode, divergence_factor)
     if semantics == "published":
