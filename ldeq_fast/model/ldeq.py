@@ -275,7 +275,10 @@ class LDEQ(nn.Module):
         out = LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
                          z_star=z.detach(), heatmaps=heat, stats=stats)
         if self.fast_path.cpu_plan is not None:
-            out.extra["cpu_plan"] = self.fast_path.cpu_plan.describe()
+            plan = self.fast_path.cpu_plan.describe()
+            if torch.compiler.is_compiling():   # traced: the split convs' adds are inductor's, not oneDNN post-ops
+                plan.update(post_add=0, compiled=True)
+            out.extra["cpu_plan"] = plan
         return out
 
     # ------------------------------------------------------------------ forward
