@@ -116,8 +116,8 @@ def resolve(op: str, t: torch.Tensor, backend: str | None = None) -> str:
     return chosen
 
 
-@torch.compiler.assume_constant_result  # torch.compile: a constant of the trace (outermost, so dynamo sees it)
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the trace, not traced into
 def _resolve(op: str, device: str, want: str, interpret: bool, strict: bool) -> str:
     if want == "torch":
         return "torch"
