@@ -55,12 +55,24 @@ def _dynamo_counts(hits: _LimitHits) -> dict:
             "recompile_limit_hits": len(hits.hits), "recompile_limit_functions": hits.hits}
 
 
+def _top_ops(fn, n: int = 12) -> dict:
+    """Self CPU time (ms) of the n most expensive ops of one call of fn, and the call's total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    top = {e.key[:80]: round(e.self_cpu_time_total / 1e3, 2) for e in rows[:n]}
+    return {"total_self_ms": round(sum(e.self_cpu_time_total for e in rows) / 1e3, 1), "top": top}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--weights", default=DEMO)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--profile", action="store_true", help="also record each path's top ops (one call, profiled)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
@@ -104,6 +116,8 @@ def main() -> None:
                "backends_compiled": got.backends, "backends_eager": eager.backends,
                "cpu_plan_compiled": {k: v for k, v in got.extra.get("cpu_plan", {}).items() if k != "formats"},
                "dynamo": _dynamo_counts(hits), "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+        if args.profile:
+            row["profile_top_ops_ms"] = {"eager": _top_ops(lambda: model(x)), "compiled": _top_ops(lambda: compiled(x))}
         result["rows"].append(row)
         print(f"batch {batch}: eager {e['median']:.1f} ms, compiled {cm['median']:.1f} ms "
               f"({row['speedup_compiled_vs_eager']}x), first call {first_s:.0f} s, "
