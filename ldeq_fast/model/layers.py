@@ -58,7 +58,11 @@ class ConvBlock(nn.Module):
 
     def _cached(self, what: tuple, make):
         """``make()`` kept per weight version: a parameter's layout is never changed behind an optimizer's
-        back, and an updated parameter (a new version) is converted again."""
+        back, and an updated parameter (a new version) is converted again.  Inside torch.compile the
+        conversion is traced into the graph instead (dynamo cannot key a dict on data_ptr/_version: that
+        was a graph break and a recompile per module); it is a small pass over the weight."""
+        if torch.compiler.is_compiling():
+            return make()
         key = (*what, self.conv.weight.data_ptr(), self.conv.weight._version)
         cache = self.__dict__.setdefault("_planned_weights", {})
         if key not in cache:
@@ -76,6 +80,12 @@ class ConvBlock(nn.Module):
         if w.is_contiguous(memory_format=fmt):
             return w
         return self._cached((start, stop, fmt), lambda: w.detach().contiguous(memory_format=fmt))
+
+    def split_conv_add_uses_post_op(self, *tensors: torch.Tensor) -> bool:
+        """The split 1x1 conv's add runs as oneDNN's post-op: the plan allows it, eager CPU fp32 inference.
+        Under torch.compile the plain conv + add is traced instead and inductor fuses the add into its
+        neighbours (the in-place post-op would need functionalising, and inductor cannot see into it)."""
+        return self.post_add and not torch.compiler.is_compiling() and _onednn_post_add_ok(*tensors)
 
     def epilogue(self, out: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """LeakyReLU -> norm of a conv output, plus ``residual`` when given (a residual connection around
@@ -114,7 +124,7 @@ class ConvBlock(nn.Module):
                 add = add.contiguous(memory_format=self.memory_format)
         if add is None:
             return F.conv2d(x, w, b)
-        if self.post_add and _onednn_post_add_ok(x, w, add):
+        if self.split_conv_add_uses_post_op(x, w, add):
             if add.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(
                     memory_format=torch.channels_last):
                 # oneDNN fuses the add only with both operands in one format (else: conv, add, re-layout);

@@ -58,6 +58,19 @@ class DEQLayer(nn.Module):
         self.cell = Cell(cfg, norm=norm)
 
 
+@torch.compiler.disable   # torch.compile: the one host read of the checks runs outside the graph (one graph break)
+def _check_image_values(images: torch.Tensor) -> None:
+    """NaN/inf and 0-255 images, with one reduction read by one host sync."""
+    lo, hi = torch.aminmax(images)
+    lo, hi = torch.stack((lo, hi)).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("images contain NaN or inf")
+    if hi > MAX_NORMALISED_PIXEL:
+        raise ValueError(f"images have values up to {hi:.1f}: they look like 0-255 pixel values, but the model "
+                         f"takes normalised images ((x / 255 - ImageNet mean) / std, in about [-2.2, 2.7]); "
+                         f"use ldeq_fast.data.transforms.normalize_image")
+
+
 class LDEQ(nn.Module):
     def __init__(self, cfg: LDEQConfig | None = None, **overrides):
         super().__init__()
@@ -173,14 +186,7 @@ class LDEQ(nn.Module):
             if z0.device != weight.device:
                 raise ValueError(f"z0 is on device {z0.device} but the model is on {weight.device}")
         images = images.to(weight.dtype)
-        lo, hi = torch.aminmax(images)
-        lo, hi = torch.stack((lo, hi)).tolist()
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise ValueError("images contain NaN or inf")
-        if hi > MAX_NORMALISED_PIXEL:
-            raise ValueError(f"images have values up to {hi:.1f}: they look like 0-255 pixel values, but the model "
-                             f"takes normalised images ((x / 255 - ImageNet mean) / std, in about [-2.2, 2.7]); "
-                             f"use ldeq_fast.data.transforms.normalize_image")
+        _check_image_values(images)
         return images
 
     def injection(self, images: torch.Tensor) -> torch.Tensor:
@@ -194,7 +200,10 @@ class LDEQ(nn.Module):
         first conv computed once on the fast path; the state kept fp32/fp64 under bf16 autocast)."""
         self.apply_config()
         cell = self.deq_layer.cell
-        fast_path.plan_cpu(self, injection)
+        if not torch.compiler.is_compiling():
+            # measuring (or reading the cached plan from disk) is host work dynamo cannot trace: a compiled
+            # forward runs the plan the last eager call applied (or the fixed choices), recorded in extra
+            fast_path.plan_cpu(self, injection)
         term = cell.injection_term(injection) if fast_path.reordered_math(self.cfg) else None
         return numerics.in_state_dtype(lambda z: cell(z, injection, term), self.state_dtype)
 
@@ -260,7 +269,10 @@ class LDEQ(nn.Module):
         out = LDEQOutput(keypoints=kpts, uncertainty=spread, uncertainty_published=published,
                          z_star=z.detach(), heatmaps=heat, stats=stats)
         if self.fast_path.cpu_plan is not None:
-            out.extra["cpu_plan"] = self.fast_path.cpu_plan.describe()
+            plan = self.fast_path.cpu_plan.describe()
+            if torch.compiler.is_compiling():   # traced: the split convs' adds are inductor's, not oneDNN post-ops
+                plan.update(post_add=0, compiled=True)
+            out.extra["cpu_plan"] = plan
         return out
 
     # ------------------------------------------------------------------ forward

@@ -91,6 +91,10 @@ class EpilogueRecompute:
 def remember(out: torch.Tensor, fn, *inputs: torch.Tensor) -> None:
     """Register ``out = fn(*inputs)`` with the active ``EpilogueRecompute`` (no-op outside one or when
     ``out`` is not part of a graph)."""
+    if torch.compiler.is_compiling():
+        # dynamo cannot trace the thread-local lookup (a graph break in every block); a compiled region keeps
+        # its activations as autograd saves them (saved_tensors_hooks are not traced either)
+        return
     ctx = getattr(_active, "ctx", None)
     if ctx is not None and out.requires_grad:
         ctx.remember(out, fn, *inputs)

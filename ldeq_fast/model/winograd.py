@@ -45,15 +45,20 @@ def supports(conv: torch.nn.Conv2d, height: int, width: int) -> bool:
             and tuple(conv.dilation) == (1, 1) and conv.groups == 1 and height % M == 0 and width % M == 0)
 
 
+# the same matrices as float64 tensors, made once at import: torch.compile traces transform_weight into its
+# graph (a numpy call or an lru_cache would not trace), where they are constants
+_AT64, _G64, _BT64 = (torch.from_numpy(np.ascontiguousarray(t)) for t in transforms())
+
+
 def transform_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U (ALPHA^2, K, C), B^T (ALPHA, ALPHA), A^T (M, ALPHA)) for a (K, C, 5, 5) weight, in its dtype
-    (computed in float64)."""
-    at, g, bt = transforms()
-    w = weight.detach().to("cpu", torch.float64).numpy()
-    u = np.einsum("ij,kcjl,ml->imkc", g, w, g).reshape(ALPHA * ALPHA, w.shape[0], w.shape[1])
-    like = dict(device=weight.device, dtype=weight.dtype)
-    return (torch.from_numpy(np.ascontiguousarray(u)).to(**like), torch.from_numpy(bt).to(**like),
-            torch.from_numpy(at).to(**like))
+    (computed in float64).  Plain torch ops, so it also runs inside a torch.compile graph."""
+    dev = weight.device
+    g = _G64.to(dev)
+    w = weight.detach().to(torch.float64)
+    u = torch.einsum("ij,kcjl,ml->imkc", g, w, g).reshape(ALPHA * ALPHA, w.shape[0], w.shape[1])
+    like = dict(device=dev, dtype=weight.dtype)
+    return u.to(**like).contiguous(), _BT64.to(**like), _AT64.to(**like)
 
 
 def _both_sides(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -66,6 +71,9 @@ def _both_sides(t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def conv5x5(x: torch.Tensor, prepared, bias: torch.Tensor | None) -> torch.Tensor:
     """The 'same' 5x5 convolution of x (B, C, H, W) with a ``transform_weight`` result; NCHW output.  One image
     at a time: the transformed tiles of one image stay in cache (at batch 8 the whole batch's would not)."""
+    if torch.compiler.is_compiling():
+        # traced: the whole batch at once (no loop over a batch size that may be symbolic, no profiler range)
+        return _conv5x5(x, prepared, bias)
     with torch.profiler.record_function(PROFILE_NAME):    # so a profile counts its GEMMs as convolution time
         if x.shape[0] == 1:
             return _conv5x5(x, prepared, bias)

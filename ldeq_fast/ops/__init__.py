@@ -111,10 +111,9 @@ def cpu_kernels() -> dict[str, bool]:
 
 def resolve(op: str, t: torch.Tensor, backend: str | None = None) -> str:
     """The backend op ``op`` runs on for tensor ``t`` ('cpp' | 'triton' | 'torch'), recorded as having run
-    (not inside torch.compile, whose trace resolves once)."""
+    (inside torch.compile too: dynamo replays the record's dict update at every call of the graph)."""
     chosen = _resolve(op, t.device.type, requested_backend(backend), triton_interpret(), require_native())
-    if not torch.compiler.is_compiling():
-        note(op, chosen)
+    note(op, chosen)
     return chosen
 
 
