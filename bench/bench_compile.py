@@ -24,9 +24,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import interleaved, machine_info, summary, write_json  # noqa: E402
-
 import torch._dynamo  # noqa: E402
+from common import interleaved, machine_info, summary, write_json  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from ldeq_fast.model.weights import load_weights  # noqa: E402
@@ -104,7 +103,7 @@ def main() -> None:
             got = compiled(x)
             first_s = time.perf_counter() - t0
             got = compiled(x)
-            times = interleaved({"eager": lambda: model(x), "compiled": lambda: compiled(x)},
+            times = interleaved({"eager": lambda x=x: model(x), "compiled": lambda x=x, c=compiled: c(x)},
                                 repeats=args.repeats, warmup=1)
         e, cm = summary(times["eager"], 1e3), summary(times["compiled"], 1e3)
         hm = c.heatmap_size
@@ -117,7 +116,7 @@ def main() -> None:
                "cpu_plan_compiled": {k: v for k, v in got.extra.get("cpu_plan", {}).items() if k != "formats"},
                "dynamo": _dynamo_counts(hits), "load_average_after": [round(v, 2) for v in os.getloadavg()]}
         if args.profile:
-            row["profile_top_ops_ms"] = {"eager": _top_ops(lambda: model(x)), "compiled": _top_ops(lambda: compiled(x))}
+            row["profile_top_ops_ms"] = {"eager": _top_ops(lambda x=x: model(x)), "compiled": _top_ops(lambda x=x, c=compiled: c(x))}
         result["rows"].append(row)
         print(f"batch {batch}: eager {e['median']:.1f} ms, compiled {cm['median']:.1f} ms "
               f"({row['speedup_compiled_vs_eager']}x), first call {first_s:.0f} s, "
