@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import os
 import pickle
-import zipfile
 
 import torch
 
@@ -67,7 +66,7 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused to unpickle an object that is not on the allow-list "
                               f"(tensors, containers, argparse.Namespace): {exc}") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- the unpickler fails on garbage bytes with any error (IndexError, ...)
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
     if isinstance(ckpt, dict) and ckpt.get("format") == TRAIN_CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is an ldeq_fast training checkpoint (last.pt), not a published LDEQ "
