@@ -44,7 +44,7 @@ def run(a) -> int:
     suffix = "" if world == 1 else f".rank{rank}"
 
     def report(error, frames):
-        print_error(NAME, f"{error} (the {frames} frames before it are in the outputs)")
+        print_error(NAME, f"{error}" + (f" (the {frames} frames before it are in the outputs)" if frames else ""))
 
     try:
         r = track_to_folder(lm, files, names, a.out, first_box, boxes, write_video=not a.no_video,

@@ -130,6 +130,8 @@ def config_from_sources(config_file=None, overrides: list[str] = (), out_dir: st
     d = {}
     if config_file:
         path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
