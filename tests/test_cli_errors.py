@@ -68,9 +68,9 @@ CASES = {   # id: (command, arguments (FILES: the fixture's folder), what the li
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_bad_input_is_one_line(files, case):
     command, args, names, status = CASES[case]
-    sub = (lambda s: s.replace("FILES", str(files)))
-    proc = _cli(command, *map(sub, args))
-    _one_line_error(proc, command, *map(sub, names))
+    args, names = ([s.replace("FILES", str(files)) for s in x] for x in (args, names))
+    proc = _cli(command, *args)
+    _one_line_error(proc, command, *names)
     assert proc.returncode == status, proc.stderr
 
 
