@@ -101,3 +101,17 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch, capsys):
     monkeypatch.setattr(app, "run", bug)
     with pytest.raises(KeyError, match="a bug"):
         main(["train"])
+
+
+def test_which_errors_are_expected():
+    from ldeq_fast.apps.common import UsageError, is_expected
+    from ldeq_fast.config import ConfigError
+    from ldeq_fast.images import ImageError
+    from ldeq_fast.model.checkpoint import CheckpointError
+    from ldeq_fast.video.evaluate import ClipError
+    from ldeq_fast.video.io import VideoReadError
+
+    expected = [UsageError("x"), ConfigError("x"), ImageError("x"), CheckpointError("x"), ClipError({0: "x"}),
+                VideoReadError("v.mp4", 3, "x"), FileNotFoundError("x"), ModuleNotFoundError("x"), ValueError("x")]
+    assert all(map(is_expected, expected))
+    assert not any(map(is_expected, [KeyError("x"), RuntimeError("x"), AttributeError("x"), IndexError("x")]))
