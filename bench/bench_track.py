@@ -73,8 +73,8 @@ def track(lm, paths, boxes) -> int:
 
 
 def track_cli(model, paths, boxes, out: Path, device) -> int:
+    from ldeq_fast.apps.track import run as cmd_track
     from ldeq_fast.cli import build_parser
-    from ldeq_fast.landmarker_cli import cmd_track
 
     n = len(boxes[0]) * len(paths)
     for p, b in zip(paths, boxes):      # a first-frame box per video, as a box file

@@ -16,7 +16,7 @@ from common import machine_info, write_json
 
 
 def main(argv=None) -> int:
-    from ldeq_fast.video.cli import load_model
+    from ldeq_fast.model import load_model
     from ldeq_fast.video.evaluate import evaluate_video_methods, format_rows, synthetic_clips
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -17,7 +17,7 @@ from common import machine_info, write_json
 
 def main(argv=None) -> int:
     from ldeq_fast.data.synthetic import SyntheticFaces
-    from ldeq_fast.video.cli import load_model
+    from ldeq_fast.model import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo")

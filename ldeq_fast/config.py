@@ -22,6 +22,11 @@ LAM_MODES = ("scaled", "absolute")
 GRAD_MODES = ("ift", "phantom", "jfb")
 
 
+class ConfigError(ValueError, TypeError):
+    """A config key that is unknown, of the wrong type or out of range; the message names the key.  A
+    ValueError and a TypeError both, so the checks' callers catch it either way."""
+
+
 # ---------------------------------------------------------------------------------------------- field types
 _TYPE_NAMES = {bool: "a bool", int: "an int", float: "a float", str: "a str", dict: "a dict", list: "a list"}
 
@@ -57,7 +62,7 @@ def _coerce(kind: type, v):
 
 
 def check_field_types(obj) -> None:
-    """TypeError naming the key for a dataclass field holding a value of the wrong type, e.g.
+    """ConfigError (a TypeError) naming the key for a dataclass field holding a value of the wrong type, e.g.
     ``LDEQConfig: rel_tol must be a float, got str '5e-3'``; accepted values are normalised in place (an int
     given for a float field becomes a float)."""
     cls = type(obj)
@@ -70,7 +75,7 @@ def check_field_types(obj) -> None:
             continue
         ok, value = _coerce(kind, v)
         if not ok:
-            raise TypeError(f"{cls.__name__}: {f.name} must be {_TYPE_NAMES[kind]}{' or None' if optional else ''}, "
+            raise ConfigError(f"{cls.__name__}: {f.name} must be {_TYPE_NAMES[kind]}{' or None' if optional else ''}, "
                             f"got {type(v).__name__} {v!r}")
         if value is not v:
             setattr(obj, f.name, value)
@@ -159,7 +164,7 @@ class LDEQConfig:
 
         def check(cond, msg):
             if not cond:
-                raise ValueError(f"LDEQConfig: {msg}")
+                raise ConfigError(f"LDEQConfig: {msg}")
 
         check(self.n_keypoints in LAYOUTS, f"n_keypoints={self.n_keypoints} is not a known layout {sorted(LAYOUTS)}")
         check(self.extra_latent_width >= 0, "extra_latent_width must be >= 0")
@@ -198,7 +203,7 @@ class LDEQConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"LDEQConfig: unknown config key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"LDEQConfig: unknown config key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**dict(d))
 
     def replace(self, **changes) -> "LDEQConfig":

@@ -123,7 +123,7 @@ class Landmarker:
                  max_faces: int = 1, extra_scale: float = 1.2, box_deadband: float = 0.02,
                  redetect_every: int | None = None, redetect_iou: float = 0.3):
         from ldeq_fast.model.ldeq import LDEQ
-        from ldeq_fast.video.cli import load_model
+        from ldeq_fast.model.loading import load_model
 
         self.model_name = model if isinstance(model, (str, Path)) else type(model).__name__
         m = model if isinstance(model, LDEQ) else load_model(str(model))

@@ -90,6 +90,38 @@ def test_train_and_tracker_configs_name_wrong_types():
     assert TrackerConfig(reset_residual=None, gamma=2).gamma == 2.0
 
 
+def test_config_errors_are_one_class_caught_as_value_or_type_errors():
+    from ldeq_fast.config import ConfigError
+
+    for bad in ({"rel_tol": "x"}, {"max_itres": 3}, {"max_iters": 0}):
+        with pytest.raises(ConfigError) as info:
+            LDEQConfig.from_dict(bad)
+        assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+
+
+def test_train_config_from_a_file_and_overrides(tmp_path):
+    from ldeq_fast.config import ConfigError
+    from ldeq_fast.train import config_from_sources
+
+    f = tmp_path / "c.json"
+    f.write_text('{"steps": 7, "lr": 0.5, "model": {"max_iters": 3, "rel_tol": 0.01}}')
+    c = config_from_sources(f, ["lr=0.25", "model.max_iters=4", "model_preset=small"], out_dir="runs/x")
+    assert (c.steps, c.lr, c.model_preset, c.out_dir) == (7, 0.25, "small", "runs/x")
+    assert c.model == {"max_iters": 4, "rel_tol": 0.01}          # the overrides merge into the file's model
+    with pytest.raises(ConfigError, match=r"steps must be an int, got str 'abc'"):
+        config_from_sources(None, ["steps=abc"])
+    with pytest.raises(ConfigError, match=r"override 'steps' is not key=value"):
+        config_from_sources(None, ["steps"])
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        config_from_sources(tmp_path / "missing.json")
+    f.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"c\.json: expected a JSON object"):
+        config_from_sources(f)
+    f.write_text("{steps: 1}")
+    with pytest.raises(ConfigError, match=r"c\.json: not valid JSON"):
+        config_from_sources(f)
+
+
 # ------------------------------------------------------------------------------------------ solver depth
 def test_depth_rule_is_the_published_one():
     assert [forward_depth(10, False, t) for t in (False, True)] == [10, 10]

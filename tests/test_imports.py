@@ -41,3 +41,21 @@ def test_every_module_imports_first():
         if proc.returncode != 0:
             failures[name] = err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}"
     assert not failures, f"modules that fail to import first: {failures}"
+
+
+def test_the_library_never_imports_the_command_line():
+    """ldeq_fast.cli and ldeq_fast.apps (argument parsing, printing) sit on top of the library: no library
+    module imports them, at module level or inside a function."""
+    import ast
+
+    cli = ("ldeq_fast.cli", "ldeq_fast.apps")
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] == "apps" or rel.name == "cli.py" and len(rel.parts) == 1:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{rel}: {n}" for n in names if n == cli[0] or n == cli[1] or n.startswith(cli[1] + ".")]
+    assert not offenders, offenders

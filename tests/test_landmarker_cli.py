@@ -12,7 +12,7 @@ import pytest
 from ldeq_fast import metrics
 from ldeq_fast.cli import main
 from ldeq_fast.data.synthetic import make_video
-from ldeq_fast.landmarker_cli import output_names
+from ldeq_fast.landmark_files import output_names
 from ldeq_fast.video.io import FrameReader, VideoWriter, probe_video
 
 pytest.importorskip("av")

@@ -83,8 +83,8 @@ def test_wflw_v_evaluation_holds_o_slots_frames(tiny, root):
 
 
 def test_track_holds_o_slots_frames(tiny, root, tmp_path):
+    from ldeq_fast.apps.track import run as cmd_track
     from ldeq_fast.cli import build_parser
-    from ldeq_fast.landmarker_cli import cmd_track
 
     r, v = root
     box = ",".join(str(float(x)) for x in v.bboxes[0])

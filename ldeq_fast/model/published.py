@@ -70,7 +70,7 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: refused to unpickle an object that is not on the allow-list "
                               f"(tensors, containers, argparse.Namespace): {exc}") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- the unpickler fails on garbage bytes with any error (IndexError, ...)
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "args" not in ckpt:
         raise CheckpointError(_not_published(path, *_what_it_is(path, ckpt)))

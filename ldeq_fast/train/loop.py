@@ -1,4 +1,5 @@
-"""Training LDEQ: ``ldeq-fast train`` and ``ldeq_fast.train`` as a library.
+"""The training loop: :class:`Trainer` (steps, EMA, loss, skipped steps, checkpoints and exact resume) and
+:func:`train`.
 
 Forward solve without a graph, one tracked cell step, implicit (or phantom / JFB) backward; AdamW with
 linear warm-up + cosine decay; gradient clipping; optional EMA of the weights; bf16 autocast on GPU;
@@ -26,197 +27,28 @@ takes its slice of every global batch (NCCL on GPU, gloo on CPU).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import math
 import os
 import random
 import time
 import warnings
-import zlib
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ldeq_fast import metrics
-from ldeq_fast.config import LDEQConfig, check_field_types
 from ldeq_fast.model.checkpoint import TRAIN_CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save
 from ldeq_fast.model.ldeq import LDEQ
 from ldeq_fast.model.weights import save_weights
-
-DATASETS = ("synthetic", "wflw_cropped", "wflw_original")
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str = "runs/ldeq"
-    data: str = "synthetic"
-    data_root: str | None = None
-    train_split: str = "train"
-    eval_splits: list = field(default_factory=lambda: ["test"])
-    synthetic_train_size: int = 20000
-    synthetic_eval_size: int = 256
-    synthetic_difficulty: str = "normal"
-    cache_in_memory: bool = False          # render/decode every training item once, keep it in RAM
-    augment: bool = True
-    model_preset: str = "default"          # default | small
-    model: dict = field(default_factory=dict)   # LDEQConfig overrides
-    steps: int = 1000
-    batch_size: int = 16                   # global batch (split across ranks)
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.01
-    grad_clip: float = 1.0
-    ema_decay: float = 0.0                 # 0: off
-    amp: str = "auto"                      # auto (bf16 on CUDA) | bf16 | off
-    loss: str = "l1"                       # l1 | l2 on keypoints in [0, 1]
-    heatmap_loss_weight: float = 0.0       # optional MSE to Gaussian target heatmaps
-    heatmap_sigma: float = 1.5             # heatmap pixels
-    eval_every: int = 500
-    ckpt_every: int = 100
-    log_every: int = 10
-    eval_batch_size: int = 32
-    num_workers: int = 0
-    seed: int = 0
-    resume: bool = True
-    progress: bool = True
-    save_rank_weights: bool = False        # debugging/tests: every rank saves its final weights
-    max_consecutive_skips: int = 10        # more non-finite steps in a row than this stop training
-
-    def __post_init__(self):
-        check_field_types(self)
-        if self.data not in DATASETS:
-            raise ValueError(f"TrainConfig: data must be one of {DATASETS}, not {self.data!r}")
-        if self.data != "synthetic" and not self.data_root:
-            raise ValueError(f"TrainConfig: data={self.data!r} needs data_root")
-        if self.model_preset not in ("default", "small"):
-            raise ValueError("TrainConfig: model_preset must be 'default' or 'small'")
-        if self.loss not in ("l1", "l2"):
-            raise ValueError("TrainConfig: loss must be 'l1' or 'l2'")
-        if self.amp not in ("auto", "bf16", "off"):
-            raise ValueError("TrainConfig: amp must be auto|bf16|off")
-        for name in ("steps", "batch_size", "eval_every", "ckpt_every", "log_every", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig: {name} must be >= 1")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError("TrainConfig: ema_decay must be in [0, 1)")
-        if self.max_consecutive_skips < 0:
-            raise ValueError("TrainConfig: max_consecutive_skips must be >= 0")
-        self.model_config()  # validates the model overrides (unknown keys are errors)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def model_config(self) -> LDEQConfig:
-        base = LDEQConfig.small() if self.model_preset == "small" else LDEQConfig()
-        return base.replace(**self.model)
+from ldeq_fast.train.config import RESUME_FREE_KEYS, TrainConfig, config_differences
+from ldeq_fast.train.data import CachedDataset, build_dataset, collate, epoch_batches
+from ldeq_fast.train.evaluation import evaluate
+from ldeq_fast.train.plots import plot_curves
 
 
-# settings a resume may change: where things are written and read, how often the run reports, and I/O;
-# every other TrainConfig key shapes the run (its batches, schedule, loss, model) and must match
-RESUME_FREE_KEYS = frozenset({"out_dir", "data_root", "eval_splits", "synthetic_eval_size", "cache_in_memory",
-                              "eval_every", "ckpt_every", "log_every", "eval_batch_size", "num_workers",
-                              "resume", "progress", "save_rank_weights", "max_consecutive_skips"})
-
-
-def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
-    """``key: checkpoint X, now Y`` for each key whose value differs (a key the saved dict lacks counts
-    as its default)."""
-    defaults = defaults or {}
-    out = []
-    for k in sorted(current):
-        old = saved.get(k, defaults.get(k))
-        if old != current[k]:
-            out.append(f"{k}: checkpoint {old!r}, now {current[k]!r}")
-    return out
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``key=value`` strings -> dict; values parsed as JSON when possible (numbers, booleans, lists),
-    ``model.key=value`` sets a model override."""
-    out: dict = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"override {pair!r} is not key=value")
-        key, raw = pair.split("=", 1)
-        try:
-            val = json.loads(raw)
-        except json.JSONDecodeError:
-            val = raw
-        if key.startswith("model."):
-            out.setdefault("model", {})[key[len("model."):]] = val
-        else:
-            out[key] = val
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- data
-def build_dataset(cfg: TrainConfig, split: str, train: bool, image_size: int):
-    if cfg.data == "synthetic":
-        from ldeq_fast.data.synthetic import SyntheticFaces
-
-        n = cfg.synthetic_train_size if train else cfg.synthetic_eval_size
-        seed = cfg.seed if train else 10_000 + cfg.seed + zlib.crc32(split.encode()) % 1000
-        return SyntheticFaces(n, size=image_size, seed=seed, difficulty=cfg.synthetic_difficulty)
-    from ldeq_fast.data.augment import AugmentConfig
-
-    aug = AugmentConfig() if (train and cfg.augment) else None
-    if cfg.data == "wflw_cropped":
-        from ldeq_fast.data.wflw import WFLWCropped
-
-        return WFLWCropped(cfg.data_root, split, augment=aug, seed=cfg.seed, image_size=image_size)
-    from ldeq_fast.data.wflw import WFLWOriginal
-
-    return WFLWOriginal(cfg.data_root, split, size=image_size, augment=aug, seed=cfg.seed)
-
-
-def epoch_batches(n: int, batch: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Global batches of one epoch: a permutation fixed by (seed, epoch); the ragged tail is dropped."""
-    perm = np.random.default_rng((seed, epoch)).permutation(n)
-    return [perm[i:i + batch] for i in range(0, n - batch + 1, batch)]
-
-
-class CachedDataset(torch.utils.data.Dataset):
-    """Every item of a dataset materialised once (for generated data whose rendering costs more than a
-    training step's share of it).  Not for augmented datasets: the augmentation would be frozen."""
-
-    def __init__(self, base, progress: bool = False):
-        it = range(len(base))
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, desc="caching data", unit="item", leave=False)
-        items = [base[i] for i in it]
-        self.images = torch.stack([x["image"] for x in items])
-        self.kpts = torch.stack([x["kpts"] for x in items])
-
-    def __len__(self):
-        return len(self.kpts)
-
-    def __getitem__(self, i):
-        return {"image": self.images[i], "kpts": self.kpts[i]}
-
-
-def _collate(items):
-    return {"image": torch.stack([it["image"] for it in items]), "kpts": torch.stack([it["kpts"] for it in items])}
-
-
-# ---------------------------------------------------------------------------------------------- pieces
 def warmup_cosine(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -290,47 +122,6 @@ def landmark_loss(out, kpts: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     return loss
 
 
-@torch.no_grad()
-def evaluate(model: LDEQ, dataset, batch_size: int = 32, device="cpu") -> dict:
-    """NME / FR@0.1 / AUC@0.1 (inter-ocular) and mean solver iterations on a dataset."""
-    was_training = model.training
-    model.eval()
-    preds, gts, iters = [], [], []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
-    for b in loader:
-        out = model(b["image"].to(device))
-        preds.append(out.keypoints.float().cpu())
-        gts.append(b["kpts"])
-        iters.append(out.stats.nstep.float().cpu() if out.stats is not None else torch.zeros(len(b["kpts"])))
-    model.train(was_training)
-    nme, fr, auc = metrics.nme_fr_auc(torch.cat(preds), torch.cat(gts))
-    return {"nme": nme, "fr": fr, "auc": auc, "iters": float(torch.cat(iters).mean()), "n": len(dataset)}
-
-
-def plot_curves(log_path: Path, png_path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r["kind"] == "train" and r["loss"] is not None]
-    evals = [r for r in rows if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train])
-    axes[0].set(xlabel="step", ylabel="loss", yscale="log", title="training loss")
-    for split in sorted({r["split"] for r in evals}):
-        rs = [r for r in evals if r["split"] == split]
-        axes[1].plot([r["step"] for r in rs], [100 * r["nme"] for r in rs], marker="o", label=split)
-    axes[1].set(xlabel="step", ylabel="NME (%)", title="evaluation")
-    if evals:
-        axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     def __init__(self, cfg: TrainConfig, device: str | None = None):
         self.cfg = cfg
@@ -440,7 +231,7 @@ class Trainer:
         mine = [b[self.rank * per_rank:(self.rank + 1) * per_rank].tolist() for b in batches]
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
-        return DataLoader(self.train_set, batch_sampler=mine, num_workers=self.cfg.num_workers, collate_fn=_collate)
+        return DataLoader(self.train_set, batch_sampler=mine, num_workers=self.cfg.num_workers, collate_fn=collate)
 
     def train_step(self, batch) -> dict:
         """One step; returns its train row.  A step with a non-finite loss or gradients, or a diverged forward
@@ -582,27 +373,3 @@ def train(cfg: TrainConfig | dict, device: str | None = None) -> dict:
     finally:
         if trainer.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="JSON file with TrainConfig fields")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="override fields, e.g. steps=200 model_preset=small model.max_iters=6")
-    p.add_argument("--out", default=None, help="output folder (TrainConfig.out_dir)")
-    p.add_argument("--device", default=None)
-
-
-def cmd_train(a) -> int:
-    d = json.loads(Path(a.config).read_text()) if a.config else {}
-    over = parse_overrides(a.set)
-    d.update({k: v for k, v in over.items() if k != "model"})
-    if "model" in over:
-        d["model"] = {**d.get("model", {}), **over["model"]}
-    if a.out:
-        d["out_dir"] = a.out
-    res = train(TrainConfig.from_dict(d), a.device)
-    if int(os.environ.get("RANK", "0")) == 0:
-        for split, r in res.items():
-            print(f"{split}: NME {100 * r['nme']:.2f}%  FR@0.1 {100 * r['fr']:.2f}%  AUC@0.1 {r['auc']:.4f}  "
-                  f"iters {r['iters']:.1f}  (n={r['n']})")
-    return 0
