@@ -12,6 +12,7 @@ from test_published_checkpoint import published_args, write_published
 
 from ldeq_fast import _ext, notices
 from ldeq_fast.compat.published import LDEQ, load_checkpoint, root_solver, weights_init
+from ldeq_fast.model import fast_path
 from ldeq_fast.model.published import CheckpointError, load_published
 
 B = 3
@@ -119,7 +120,9 @@ def tolerances(backend):
     arithmetic; the fused one rounds differently (fp64 Anderson weights, reordered cell sums)."""
     if backend == "torch":
         return 1e-6, 1e-6, 1e-6
-    return 1e-3 / HM, 1e-4, 5e-2
+    # the logged residuals of this tol = 0 checkpoint are the fp32 noise floor itself: a run that rounds
+    # differently may differ from them by their own size (relative 1)
+    return 1e-3 / HM, 1e-4, 1.0
 
 
 def load_like_the_script(path, **fast):
@@ -148,7 +151,8 @@ def images(seed, n=B):
 def assert_logs_match(logs, ref, rel=1e-6):
     """``rel`` > 1e-6: a run that rounds differently (the fused engine).  Its late residuals sit at the fp32
     noise floor of this tol = 0 checkpoint (~1e-5 abs over ~5000 values of size ~1), so 'stability' (did the
-    batch-mean abs residual ever rise) is rounding noise there and only the plain path must match it."""
+    batch-mean abs residual ever rise) is rounding noise there and only the plain path must match it; the
+    residuals themselves must be that noise (between 0 and twice the plain path's)."""
     assert logs["n_iters"] == ref["n_iters"]
     if rel <= 1e-6:
         assert logs["stability"] == ref["stability"]
@@ -383,5 +387,5 @@ def test_config_published_semantics_runs_the_fused_engine(ckpt_path, backend):
         ref = plain(x, z0=z0)
     assert ran["solver"] == backend and out.backends["solver"] == backend
     if backend != "torch":
-        assert ran["anderson_step"] == backend and ours._reordered_math()
+        assert ran["anderson_step"] == backend and fast_path.reordered_math(ours.cfg)
     assert (out.keypoints - ref.keypoints).abs().max().item() * HM < 1e-3

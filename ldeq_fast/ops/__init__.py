@@ -159,6 +159,19 @@ def direct_call_ok(*tensors: torch.Tensor | None) -> bool:
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
+def run_kernel(chosen: str, op, launcher: Callable, interpreted: Callable, args: tuple):
+    """A fused op's kernel on its resolved backend, 'cpp' or 'triton' (the caller runs the reference for
+    'torch'): with no graph to record on CUDA the Triton ``launcher`` directly (``direct_call_ok``); on CPU
+    tensors under the Triton interpreter ``interpreted``, the launcher with the op's autograd; else ``op``
+    through the dispatcher (the C++ kernel on CPU, the Triton kernel on CUDA, with autograd and tracing)."""
+    if chosen == "triton":
+        if direct_call_ok(*(a for a in args if isinstance(a, torch.Tensor))):
+            return launcher(*args)
+        if args[0].device.type == "cpu":
+            return interpreted(*args)
+    return op(*args)
+
+
 def interpreter_autograd(op: str, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """The Triton interpreter path (CPU tensors, TRITON_INTERPRET=1) with autograd.  CPU tensors dispatch to the
     C++ kernels, so this path calls the Triton launchers directly instead of through the op; to be differentiable

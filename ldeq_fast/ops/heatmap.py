@@ -19,10 +19,9 @@ import torch
 
 from ldeq_fast.ops import (
     define,
-    direct_call_ok,
     interpreter_autograd,
-    load_triton_kernels,
     resolve,
+    run_kernel,
     triton_launcher,
 )
 
@@ -127,18 +126,24 @@ def _keypoints_backward_fake(g_kpts, g_spread, g_published, hm, kpts, spread, pu
     return torch.empty_like(hm)
 
 
+# the Triton launchers (kernels/heatmap.py), imported on first call
+_LAUNCH_SOFTARGMAX = triton_launcher("heatmap", "softargmax_heatmaps")
+_LAUNCH_SOFTARGMAX_BACKWARD = triton_launcher("heatmap", "softargmax_heatmaps_backward")
+_LAUNCH_KEYPOINTS = triton_launcher("heatmap", "heatmap_keypoints")
+_LAUNCH_KEYPOINTS_BACKWARD = triton_launcher("heatmap", "heatmap_keypoints_backward")
+
 SOFTARGMAX = define("softargmax_heatmaps", "(Tensor h, Tensor beta) -> (Tensor, Tensor)", fake=_softargmax_fake,
-                    cuda=triton_launcher("heatmap", "softargmax_heatmaps"))
+                    cuda=_LAUNCH_SOFTARGMAX)
 SOFTARGMAX_BACKWARD = define("softargmax_heatmaps_backward",
                              "(Tensor g_hm, Tensor h, Tensor beta, Tensor hm, Tensor hmax) -> (Tensor, Tensor)",
                              fake=_softargmax_backward_fake,
-                             cuda=triton_launcher("heatmap", "softargmax_heatmaps_backward"))
+                             cuda=_LAUNCH_SOFTARGMAX_BACKWARD)
 KEYPOINTS = define("heatmap_keypoints", "(Tensor hm) -> (Tensor, Tensor, Tensor, Tensor)", fake=_keypoints_fake,
-                   cuda=triton_launcher("heatmap", "heatmap_keypoints"))
+                   cuda=_LAUNCH_KEYPOINTS)
 KEYPOINTS_BACKWARD = define("heatmap_keypoints_backward",
                             "(Tensor g_kpts, Tensor g_spread, Tensor g_published, Tensor hm, Tensor kpts, "
                             "Tensor spread, Tensor published, Tensor mass) -> Tensor",
-                            fake=_keypoints_backward_fake, cuda=triton_launcher("heatmap", "heatmap_keypoints_backward"))
+                            fake=_keypoints_backward_fake, cuda=_LAUNCH_KEYPOINTS_BACKWARD)
 
 
 def _softargmax_setup(ctx, inputs, output):
@@ -185,11 +190,11 @@ torch.library.register_autograd("ldeq_fast::softargmax_heatmaps", _softargmax_ba
 torch.library.register_autograd("ldeq_fast::heatmap_keypoints", _keypoints_backward_with(KEYPOINTS_BACKWARD),
                                 setup_context=_keypoints_setup)
 _SOFTARGMAX_INTERPRETED = interpreter_autograd(
-    "softargmax_heatmaps", triton_launcher("heatmap", "softargmax_heatmaps"), _softargmax_setup,
-    _softargmax_backward_with(triton_launcher("heatmap", "softargmax_heatmaps_backward")))
+    "softargmax_heatmaps", _LAUNCH_SOFTARGMAX, _softargmax_setup,
+    _softargmax_backward_with(_LAUNCH_SOFTARGMAX_BACKWARD))
 _KEYPOINTS_INTERPRETED = interpreter_autograd(
-    "heatmap_keypoints", triton_launcher("heatmap", "heatmap_keypoints"), _keypoints_setup,
-    _keypoints_backward_with(triton_launcher("heatmap", "heatmap_keypoints_backward")))
+    "heatmap_keypoints", _LAUNCH_KEYPOINTS, _keypoints_setup,
+    _keypoints_backward_with(_LAUNCH_KEYPOINTS_BACKWARD))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -208,13 +213,8 @@ def softargmax_heatmaps(h: _Tensor, beta, *, backend: str | None = None) -> _Ten
     chosen = resolve(op, h, backend)
     if chosen == "torch":
         return softargmax_heatmaps_ref(h, beta)
-    h = h.contiguous()
-    if chosen == "triton":
-        if direct_call_ok(h, beta_k):
-            return load_triton_kernels("heatmap").softargmax_heatmaps(h, beta_k)[0]
-        if h.device.type == "cpu":
-            return _SOFTARGMAX_INTERPRETED(h, beta_k)[0]
-    return SOFTARGMAX(h, beta_k)[0]
+    args = (h.contiguous(), beta_k)
+    return run_kernel(chosen, SOFTARGMAX, _LAUNCH_SOFTARGMAX, _SOFTARGMAX_INTERPRETED, args)[0]
 
 
 def heatmap_keypoints(hm: _Tensor, *, backend: str | None = None):
@@ -226,10 +226,5 @@ def heatmap_keypoints(hm: _Tensor, *, backend: str | None = None):
     chosen = resolve(op, hm, backend)
     if chosen == "torch":
         return heatmap_keypoints_ref(hm)
-    hm = hm.contiguous()
-    if chosen == "triton":
-        if direct_call_ok(hm):
-            return tuple(load_triton_kernels("heatmap").heatmap_keypoints(hm)[:3])
-        if hm.device.type == "cpu":
-            return tuple(_KEYPOINTS_INTERPRETED(hm)[:3])
-    return tuple(KEYPOINTS(hm)[:3])
+    return tuple(run_kernel(chosen, KEYPOINTS, _LAUNCH_KEYPOINTS, _KEYPOINTS_INTERPRETED,
+                            (hm.contiguous(),))[:3])

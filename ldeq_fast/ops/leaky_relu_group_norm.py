@@ -22,10 +22,9 @@ import torch.nn.functional as F
 
 from ldeq_fast.ops import (
     define,
-    direct_call_ok,
     interpreter_autograd,
-    load_triton_kernels,
     resolve,
+    run_kernel,
     triton_launcher,
 )
 
@@ -103,13 +102,14 @@ def _forward_fake(x, weight, bias, num_groups, eps, slope, residual=None):
 def _backward_fake(grad_out, x, weight, mean, rstd, num_groups, slope):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
 
+_LAUNCH, _LAUNCH_BACKWARD = triton_launcher(_OP, _OP), triton_launcher(_OP, f"{_OP}_backward")
 
 FORWARD = define(_OP, "(Tensor x, Tensor weight, Tensor bias, int num_groups, float eps, float slope, "
                  "Tensor? residual=None) -> (Tensor, Tensor, Tensor)", fake=_forward_fake,
-                 cuda=triton_launcher(_OP, _OP))
+                 cuda=_LAUNCH)
 BACKWARD = define(f"{_OP}_backward", "(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
                   "int num_groups, float slope) -> (Tensor, Tensor, Tensor)", fake=_backward_fake,
-                  cuda=triton_launcher(_OP, f"{_OP}_backward"))
+                  cuda=_LAUNCH_BACKWARD)
 
 
 def _setup_context(ctx, inputs, output):
@@ -132,8 +132,8 @@ def _backward_with(backward_kernel):
 
 
 torch.library.register_autograd(f"ldeq_fast::{_OP}", _backward_with(BACKWARD), setup_context=_setup_context)
-_INTERPRETED = interpreter_autograd(_OP, triton_launcher(_OP, _OP), _setup_context,
-                                    _backward_with(triton_launcher(_OP, f"{_OP}_backward")))
+_INTERPRETED = interpreter_autograd(_OP, _LAUNCH, _setup_context,
+                                    _backward_with(_LAUNCH_BACKWARD))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -164,9 +164,4 @@ def leaky_relu_group_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: to
     if residual is not None:
         residual = _like(residual, x)
     args = (x, weight, bias, int(num_groups), float(eps), float(slope), residual)
-    if chosen == "triton":
-        if direct_call_ok(x, weight, bias, residual):
-            return load_triton_kernels(_OP).leaky_relu_group_norm(*args)[0]
-        if x.device.type == "cpu":
-            return _INTERPRETED(*args)[0]
-    return FORWARD(*args)[0]
+    return run_kernel(chosen, FORWARD, _LAUNCH, _INTERPRETED, args)[0]
