@@ -46,7 +46,35 @@ def pytest_sessionstart(session):
 
 # tests that use one of these fixtures run the Triton kernels; so do tests marked `triton` explicitly (e.g. a
 # `backend` fixture's 'triton' param: pytest.param("triton", marks=pytest.mark.triton))
-TRITON_FIXTURES = ("triton_kernels", "triton_interpret")
+TRITON_FIXTURES = ("triton_kernels", "triton_interpret", "triton_loader")
+
+# Triton picks the interpreter or GPU compilation when it is imported: on CPU the Triton tests run in the
+# TRITON_INTERPRET=1 child run (tests/interpreter_child.py); with a GPU in-process on CUDA tensors
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+
+
+@pytest.fixture
+def triton_loader(nan_empty):
+    """``load_triton_kernels`` (kernel modules by name) where the Triton kernels can run, outputs NaN-filled."""
+    from ldeq_fast.ops import load_triton_kernels, triton_available
+
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    if TRITON_DEVICE == "cpu" and not INTERPRETED:
+        pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py) or on a GPU")
+    assert torch.empty(4, device=TRITON_DEVICE).isnan().all()
+    return load_triton_kernels
+
+
+def close_rel(got, want, tol, what, scale=0.0):
+    """max |got - want| <= tol * max(max |want|, scale): ``scale`` is the quantity's natural size where the
+    true value can be ~0 (the gradients of a one-element group); a NaN (an element not written) fails."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got, want = got.double().cpu(), want.double().cpu()
+    assert not got.isnan().any(), f"{what}: NaN (an element not written)"
+    err = ((got - want).abs().max() / want.abs().max().clamp_min(max(scale, 1e-12))).item()
+    assert err <= tol, f"{what}: relative error {err:.2e} > {tol:g}"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: the triton marker is added here

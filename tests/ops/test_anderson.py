@@ -3,11 +3,10 @@
 C++ tests skip when ldeq_fast._C is not built; Triton tests run the kernels on CPU under
 TRITON_INTERPRET=1 (tiny shapes: the interpreter runs each program in Python).
 """
-import os
 
 import pytest
 import torch
-from conftest import needs_cpp
+from conftest import INTERPRETED, TRITON_DEVICE, close_rel, needs_cpp
 
 import ldeq_fast.ops.anderson as A
 from ldeq_fast import _ext
@@ -15,9 +14,6 @@ from ldeq_fast.solvers.reference import anderson_weights_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# Triton picks interpreter or GPU compilation when its own library is imported, so on CPU the Triton tests run
-# in the TRITON_INTERPRET=1 child pytest of tests/interpreter_child.py (one per session, for all files).
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @pytest.fixture
@@ -532,3 +528,52 @@ def test_cpp_kernels_check_their_inputs():
         torch.ops.ldeq_fast.anderson_update(fx.float(), x, F, G, gram, active, slot, n)
     with pytest.raises(RuntimeError, match="gram must be"):
         torch.ops.ldeq_fast.anderson_update(fx, x, F, G, gram.float(), active, slot, n)
+
+# --------------------------------------------------------------------------------------------------------
+# the Triton launchers called directly (no dispatch), odd and minimal shapes, outputs NaN-filled
+# --------------------------------------------------------------------------------------------------------
+# Anderson
+
+ANDERSON_SHAPES = [(1, 1, 1), (3, 37, 4), (2, 300, 6)]  # (B, D, m)
+
+
+@pytest.mark.parametrize("B,D,m", ANDERSON_SHAPES)
+def test_anderson_launchers_match_reference(B, D, m, triton_loader):
+    upd, step, mix = (triton_loader(n) for n in ("anderson_update", "anderson_step", "anderson_mix"))
+    g = torch.Generator().manual_seed(B * D + m)
+
+    def state(k):
+        x = torch.randn(B, D, generator=g).to(TRITON_DEVICE)
+        F = torch.randn(B, m, D, generator=g).to(TRITON_DEVICE)
+        G = torch.randn(B, m, D, generator=g).to(TRITON_DEVICE)
+        gram = torch.randn(B, m, m, generator=g)
+        gram = (gram @ gram.transpose(1, 2)).to(TRITON_DEVICE)
+        flags = torch.zeros(4, B, dtype=torch.bool, device=TRITON_DEVICE)
+        flags[0] = True
+        flags[3, 0] = True
+        stat = torch.full((4, B), float("inf"), device=TRITON_DEVICE)
+        stat[3] = float("nan") if k == 0 else 1.0  # the first residual, set at k = 0
+        return x, F, G, gram, flags, stat, torch.zeros(B, dtype=torch.int64, device=TRITON_DEVICE), \
+            torch.full((6, B), float("nan"), device=TRITON_DEVICE)
+
+    fx = torch.randn(B, D, generator=g).to(TRITON_DEVICE)
+    for k in range(min(5, 2 * m)):
+        slot, n = k % m, min(k + 1, m)
+        a = state(k)
+        b = [t.clone() for t in a]
+        norms = upd.anderson_update(fx, a[0], a[1], a[2], a[3], a[4][0], slot, n)
+        want_norms = A.anderson_update_ref(fx, b[0], b[1], b[2], b[3], b[4][0], slot, n)
+        close_rel(norms, want_norms, 1e-5, "update norms")
+        for got, want, what in zip(a[1:4], b[1:4], ("F", "G", "gram")):
+            close_rel(got, want, 1e-5, f"update {what}")
+        args = (k, n, 1e-3, True, 1e-4, True, 1e4)
+        alpha = step.anderson_step(a[3], norms, a[4], a[5], a[6], a[7], *args)
+        want_alpha = A.anderson_step_ref(b[3], want_norms, b[4], b[5], b[6], b[7], *args)
+        close_rel(alpha, want_alpha, 1e-5, "step alpha")
+        assert torch.equal(a[4], b[4]) and torch.equal(a[6], b[6])
+        best_a, best_b = a[0].clone(), b[0].clone()
+        for beta in (1.0, 0.7):
+            mix.anderson_mix(a[1], a[2], alpha, a[4], a[0], best_a, slot, n, beta, True)
+            A.anderson_mix_ref(b[1], b[2], want_alpha, b[4], b[0], best_b, slot, n, beta, True)
+            close_rel(a[0], b[0], 1e-5, "mix x")
+            close_rel(best_a, best_b, 1e-5, "mix best")

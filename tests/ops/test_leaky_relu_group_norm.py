@@ -1,11 +1,10 @@
 """Fused LeakyReLU -> GroupNorm (ldeq_fast.ops.leaky_relu_group_norm): every backend against the float64 eager
 composition, values and gradients, both memory formats, odd shapes and group counts."""
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_cpp
+from conftest import INTERPRETED, TRITON_DEVICE, close_rel, needs_cpp
 
 from ldeq_fast.ops import leaky_relu_group_norm as gn
 from ldeq_fast.ops import triton_available
@@ -172,10 +171,6 @@ def test_torch_backend_is_the_reference():
     assert torch.equal(gn.leaky_relu_group_norm(x, w, b, G, backend="torch"), F.group_norm(F.leaky_relu(x, 0.01), G, w, b))
 
 
-# Triton reads TRITON_INTERPRET when triton itself is imported, so on CPU the Triton tests run in the
-# TRITON_INTERPRET=1 child run of tests/interpreter_child.py; with a GPU they run in-process on CUDA tensors.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 
 
 @pytest.fixture
@@ -295,3 +290,63 @@ def test_cpp_kernel_checks_its_arguments():
         gn.FORWARD(x[:, :, :, ::2], torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01)
     with pytest.raises(RuntimeError, match="residual must match x"):
         gn.FORWARD(x, torch.ones(6), torch.zeros(6), 2, 1e-5, 0.01, x.to(memory_format=torch.channels_last))
+
+# --------------------------------------------------------------------------------------------------------
+# the Triton launchers called directly (no dispatch), odd and minimal shapes, outputs NaN-filled
+# --------------------------------------------------------------------------------------------------------
+# LeakyReLU -> GroupNorm
+
+NORM_SHAPES = [  # (N, C, H, W, groups)
+    (2, 3, 1, 1, 1), (2, 1, 1, 1, 1), (1, 7, 3, 3, 7), (2, 6, 5, 3, 2), (1, 5, 17, 17, 1), (3, 40, 9, 7, 4), (1, 37, 20, 20, 1)]
+
+
+def _norm_inputs(shape, dtype, channels_last):
+    N, C, H, W, G = shape
+    g = torch.Generator().manual_seed(N * 1000 + C * 10 + H)
+    x = (torch.randn(N, C, H, W, generator=g, dtype=torch.float64) + 0.3).to(TRITON_DEVICE)
+    w = (1 + 0.5 * torch.randn(C, generator=g, dtype=torch.float64)).to(TRITON_DEVICE)
+    b = (0.5 * torch.randn(C, generator=g, dtype=torch.float64)).to(TRITON_DEVICE)
+    res = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(TRITON_DEVICE)
+    grad = torch.randn(N, C, H, W, generator=g, dtype=torch.float64).to(TRITON_DEVICE)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [t.to(dtype).contiguous(memory_format=fmt) for t in (x, res, grad)] + [w, b, G]
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
+def test_norm_launchers_match_reference(shape, channels_last, dtype, triton_loader):
+    k = triton_loader("leaky_relu_group_norm")
+    x, res, grad, w, b, G = _norm_inputs(shape, dtype, channels_last)
+    # float64 truth from the reference with autograd
+    xr, wr, br = x.double().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    want = gn.leaky_relu_group_norm_ref(xr, wr, br, G, 1e-5, 0.01, residual=res.double())
+    want.backward(grad.double())
+    tol = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 2e-2}[dtype]
+    wt, bt = w.to(gn.stats_dtype(dtype)), b.to(gn.stats_dtype(dtype))
+    out, mean, rstd = k.leaky_relu_group_norm(x, wt, bt, G, 1e-5, 0.01, residual=res)
+    assert out.stride() == x.stride() and out.dtype == dtype
+    close_rel(out, want, tol, "out")
+    y = torch.nn.functional.leaky_relu(x.double(), 0.01).reshape(x.shape[0], G, -1)
+    close_rel(mean, y.mean(-1), tol, "mean")
+    close_rel(rstd, 1 / (y.var(-1, unbiased=False) + 1e-5).sqrt(), tol, "rstd")
+    dx, dw, db = k.leaky_relu_group_norm_backward(grad, x, wt, mean, rstd, G, 0.01)
+    assert dx.stride() == x.stride()
+    gtol = tol if dtype != torch.bfloat16 else 5e-2
+    g_max = grad.double().abs().max().item()
+    close_rel(dx, xr.grad, gtol, "dx", scale=g_max * rstd.double().max().item() * w.abs().max().item())
+    close_rel(dw, wr.grad, gtol, "dweight", scale=g_max * x[0, 0].numel() * x.shape[0])
+    close_rel(db, br.grad, gtol, "dbias")
+
+
+def test_norm_statistics_split_over_programs(triton_loader):
+    """At batch 1 one image's reduction is split over many programs (several spatial chunks and channel
+    blocks per group) and merged: the statistics do not depend on the split."""
+    k = triton_loader("leaky_relu_group_norm")
+    x, res, grad, w, b, _ = _norm_inputs((1, 70, 40, 40, 1), torch.float32, False)
+    chunk, n_chunks = k._chunking(1 * 3, 40 * 40, k._tile(70, 1600)[0])
+    assert n_chunks > 1  # the case under test: several chunks per image
+    out, mean, rstd = k.leaky_relu_group_norm(x, w.float(), b.float(), 1, 1e-5, 0.01)
+    close_rel(out, gn.leaky_relu_group_norm_ref(x.double(), w, b, 1, 1e-5, 0.01), 1e-5, "out")
+
+

@@ -1,10 +1,9 @@
 """The heatmap ops (ldeq_fast.ops.heatmap): softargmax_heatmaps and heatmap_keypoints on every backend against
 their references, values and gradients (to h, a tensor beta, and heatmaps); the ops' registrations."""
-import os
 
 import pytest
 import torch
-from conftest import needs_cpp
+from conftest import INTERPRETED, TRITON_DEVICE, close_rel, needs_cpp
 
 from ldeq_fast.ops import heatmap as hmo
 from ldeq_fast.ops import triton_available
@@ -150,10 +149,6 @@ def test_torch_backend_is_the_reference():
         assert torch.equal(got, want)
 
 
-# Triton reads TRITON_INTERPRET when triton itself is imported: on CPU the Triton tests below run in the
-# TRITON_INTERPRET=1 child run of tests/interpreter_child.py; with a GPU they run in-process on CUDA tensors.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
 
 
 @pytest.fixture
@@ -285,3 +280,55 @@ def test_bad_inputs_raise_clear_errors(backend):
         hmo.softargmax_heatmaps(h, torch.ones(3, dtype=torch.int64), backend=backend)
     with pytest.raises(ValueError, match="must be 4-D"):
         hmo.heatmap_keypoints(h[0], backend=backend)
+
+# --------------------------------------------------------------------------------------------------------
+# the Triton launchers called directly (no dispatch), odd and minimal shapes, outputs NaN-filled
+# --------------------------------------------------------------------------------------------------------
+# heatmaps
+
+HEATMAP_SHAPES = [(1, 1, 1, 1), (1, 3, 5, 7), (2, 3, 17, 23), (1, 2, 33, 40), (1, 1, 2, 1100)]
+
+
+@pytest.mark.parametrize("shape", HEATMAP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_heatmap_launchers_match_reference(shape, dtype, triton_loader):
+    k = triton_loader("heatmap")
+    g = torch.Generator().manual_seed(sum(shape))
+    B, K, H, W = shape
+    h = (3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(TRITON_DEVICE)
+    h[0, 0].view(-1)[: min(2, H * W)] = h[0, 0].max()               # a tie at the max
+    beta = (0.5 + torch.rand(K, generator=g, dtype=torch.float64)).to(TRITON_DEVICE)
+    g_hm, g_k, g_s, g_p = (torch.randn(s, generator=g, dtype=torch.float64).to(TRITON_DEVICE)
+                           for s in (shape, (B, K, 2), (B, K), (B, K)))
+    # a one-pixel map has zero spread: the square roots have no gradient there, only the keypoints' is checked
+    n_out = 1 if H * W == 1 else 3
+    if n_out == 1:
+        g_s.zero_()
+        g_p.zero_()
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+
+    # forward: references in float64
+    hm, hmax = k.softargmax_heatmaps(h.to(dtype), beta.to(dtype))
+    want_hm = hmo.softargmax_heatmaps_ref(h, beta)
+    close_rel(hm, want_hm, tol, "softargmax hm")
+    close_rel(hmax, h.amax(dim=(2, 3)), tol, "softargmax hmax")
+    kpts, spread, published, mass = k.heatmap_keypoints(want_hm.to(dtype))
+    ref = hmo.heatmap_keypoints_ref(want_hm)
+    for got, want, what in zip((kpts, spread, published), ref, ("keypoints", "spread", "published")):
+        close_rel(got, want, 1e-5, what)  # the reference reads out in float32
+    close_rel(mass, want_hm.sum(dim=(2, 3)), tol, "mass")
+
+    # backward against autograd through the float64 references
+    hr, br = h.clone().requires_grad_(), beta.clone().requires_grad_()
+    (hmo.softargmax_heatmaps_ref(hr, br) * g_hm).sum().backward()
+    dh, dbeta = k.softargmax_heatmaps_backward(g_hm.to(dtype), h.to(dtype), beta.to(dtype), hm, hmax)
+    close_rel(dh, hr.grad, tol, "softargmax dh")
+    close_rel(dbeta, br.grad, tol, "softargmax dbeta")
+    mr = want_hm.clone().requires_grad_()
+    out = hmo.heatmap_keypoints_ref(mr.double())
+    (sum((o.double() * w).sum() for o, w in zip(out[:n_out], (g_k, g_s, g_p)))).backward()
+    dhm = k.heatmap_keypoints_backward(g_k.to(dtype), g_s.to(dtype), g_p.to(dtype), want_hm.to(dtype), kpts, spread,
+                                       published, mass)
+    close_rel(dhm, mr.grad, 1e-4, "keypoints dhm")
+
+

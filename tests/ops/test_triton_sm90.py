@@ -202,7 +202,9 @@ def launch_groups() -> dict:
     """{group: [(label, thunk), ...]} of every launch of the GPU suite: the model-shaped launches by model,
     activation dtype and layout (each at all the suite's batches), the heatmap and solver launches by model,
     and the GPU tests' shapes (tests/test_kernels_triton.py's lists)."""
-    from test_kernels_triton import ANDERSON_SHAPES, HEATMAP_SHAPES, NORM_SHAPES
+    from test_anderson import ANDERSON_SHAPES
+    from test_heatmap import HEATMAP_SHAPES
+    from test_leaky_relu_group_norm import NORM_SHAPES
 
     gn = load_triton_kernels("leaky_relu_group_norm")
     hm = load_triton_kernels("heatmap")
