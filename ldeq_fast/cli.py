@@ -234,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-iters", type=int, default=None, help="solver iterations (default: the config's 10)")
     b.add_argument("--small", action="store_true", help="a narrow 128x128 model instead of the published size")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    b.add_argument("--paths", default=None, help="comma-separated paths: reference (always run), fast, published "
-                   "(default: reference,fast)")
+    b.add_argument("--paths", default=None, help="comma-separated paths: reference (always run), fast, published, "
+                   "onnxruntime, openvino (the ONNX export; fast then also runs its fpi computation), compile "
+                   "(torch.compile of the reference; compiles for minutes) (default: reference,fast,published and "
+                   "the first installed of openvino, onnxruntime)")
     b.add_argument("--json", default=None, help="also write the results as JSON to this file")
     b.add_argument("--no-progress", action="store_true")
     add_accuracy_arguments(b)
