@@ -117,7 +117,7 @@ def _fpi_settings(model, iters: int):
 
 
 def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device="cpu", seed=0,
-              paths=None, progress=True) -> dict:
+              paths=None, progress=True, config: LDEQConfig | None = None, state_dict=None) -> dict:
     """Time the model on every requested path, interleaved, rotating the order each repeat.
 
     Two groups of rows: 'solver' (reference, published, fast, compile: each with the model's own solver,
@@ -125,6 +125,8 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
     when an ONNX peer runs, 'fpi' (fast and the ONNX peers running the same computation: ``max_iters``
     fixed-point iterations, tolerance 0, the extra step) compared with the fastest peer, their keypoints
     with the reference running that computation (one untimed run per batch).
+
+    ``config`` (instead of ``small``) and ``state_dict`` (instead of random weights) bench another model.
     """
     from ldeq_fast import peers
 
@@ -133,10 +135,14 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
     t_start = time.perf_counter()
     device = torch.device(device)
     torch.manual_seed(seed)
-    cfg = LDEQConfig.small() if small else LDEQConfig()
+    if config is not None and small:
+        raise ValueError("give config or small, not both")
+    cfg = config if config is not None else LDEQConfig.small() if small else LDEQConfig()
     if max_iters is not None:
         cfg = cfg.replace(max_iters=int(max_iters))
     base = LDEQ(cfg).to(device).eval()
+    if state_dict is not None:
+        base.load_state_dict(state_dict)
     all_paths = available_paths(device)
     paths = default_paths() if paths is None else tuple(paths)
     unknown = sorted(set(paths) - {p.name for p in all_paths})
