@@ -58,6 +58,7 @@ def cmd_bench_accuracy(a) -> int:
         plot_accuracy,
         recommend,
         run_accuracy,
+        time_to_accuracy,
     )
     from ldeq_fast.benchmark import save_json
     from ldeq_fast.fit_init import synthetic_images
@@ -77,10 +78,17 @@ def cmd_bench_accuracy(a) -> int:
     res = run_accuracy(model, images, labels, evals=a.evals or EVALS, converged_iters=a.converged_iters,
                        batch=a.accuracy_batch, progress=not a.no_progress)
     res["recommendation"] = recommend(res, a.within)
+    if a.paths != "none":   # the paths and peers timed to the same accuracy (ldeq_fast.accuracy.time_to_accuracy)
+        res["time_to_accuracy"] = time_to_accuracy(model, images, labels, res, a.within, a.paths and a.paths.split(","),
+                                                   progress=not a.no_progress)
     res.update(machine=machine_info(), model=what, config=c.to_dict(),
                stills={"n": n, "seed": seed, "difficulty": a.difficulty, "size": c.im_size},
                initial_state=getattr(model, "initial_state_info", None))
     print(format_accuracy(res))
+    if "time_to_accuracy" in res:
+        from ldeq_fast.accuracy import format_time_to_accuracy
+
+        print(format_time_to_accuracy(res["time_to_accuracy"]))
     if a.json:
         save_json(res, a.json)
         print(f"wrote {a.json}")
@@ -237,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--paths", default=None, help="comma-separated paths: reference (always run), fast, published, "
                    "onnxruntime, openvino (the ONNX export; fast then also runs its fpi computation), compile "
                    "(torch.compile of the reference; compiles for minutes) (default: reference,fast,published and "
-                   "the first installed of openvino, onnxruntime)")
+                   "the first installed of openvino, onnxruntime); with --accuracy: the paths timed to equal "
+                   "accuracy (default: reference,published,fast,onnxruntime,openvino; 'none': no timing)")
     b.add_argument("--json", default=None, help="also write the results as JSON to this file")
     b.add_argument("--no-progress", action="store_true")
     add_accuracy_arguments(b)
