@@ -115,3 +115,41 @@ def test_compile_row():
     assert row["max_kpt_diff_px"] < TOL_PX and row["first_call_s"] > 0
     assert row["version"] == torch.__version__ and row["backends"]["graph"].startswith("torch.compile")
     assert row["baseline"] == "reference"
+
+
+@needs_cpp
+def test_time_to_accuracy_with_peers(tmp_path, monkeypatch):
+    """Equal accuracy: each path at its cheapest setting that its own run verifies; the ONNX peer runs from
+    the learned initial state (in the export) and agrees with the fpi curve; a missing peer is skipped."""
+    pytest.importorskip("onnxruntime")
+    from ldeq_fast.accuracy import format_time_to_accuracy, plot_accuracy, recommend, run_accuracy, time_to_accuracy
+    from ldeq_fast.model.init_state import new_initial_state
+
+    cfg = tiny_config(max_iters=3)
+    model = LDEQ(cfg).eval()
+    model.load_state_dict(contractive_state(cfg))
+    torch.manual_seed(3)
+    model.set_initial_state(new_initial_state(model))
+    x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.rand(6, 19, 2, generator=torch.Generator().manual_seed(2))
+    res = run_accuracy(model, x, labels, evals=(2, 3, 4), converged_iters=8, progress=False)
+    res["recommendation"] = recommend(res, 50.0)
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    ta = time_to_accuracy(model, x, labels, res, 50.0, paths=("fast", "onnxruntime", "openvino"), batches=(1, 2),
+                          repeats=1, progress=False)
+    res["time_to_accuracy"] = ta
+    assert [s["path"] for s in ta["skipped"]] == ["openvino"] and "not installed" in ta["skipped"][0]["why"]
+    assert ta["paths"]["fast"]["reached"] and ta["paths"]["onnxruntime"]["reached"]
+    peer = next(c for c in ta["candidates"] if c["path"] == "onnxruntime" and c["within"])
+    assert peer["z0"] == "learned" and peer["method"] == "fpi" and peer["ran"]["export"]["z0"] == "learned initial state"
+    assert peer["ran"]["version"] == peers.peer_version("onnxruntime")
+    assert int(peer["ran"]["export"]["iterations"]) == peer["evals"] - 1
+    curve = next(c for c in res["curves"] if c["method"] == "fpi" and c["z0"] == "learned")
+    point = next(p for p in curve["points"] if p["evals"] == peer["evals"])
+    assert peer["nme"] == pytest.approx(point["nme"], abs=1e-6)   # the same computation (residuals fall)
+    assert all(ta["paths"][p]["best"][b]["ms_per_image"] > 0 for p in ("fast", "onnxruntime") for b in ("1", "2"))
+    assert set(ta["fast_speedup"]["2"]) == {"onnxruntime"}
+    text = format_time_to_accuracy(ta)
+    assert "skipped openvino" in text and "onnxruntime" in text
+    plot_accuracy(res, tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").stat().st_size > 1000
