@@ -25,6 +25,7 @@ iterations: the solvers allocate their history up front, so its peak is the full
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -294,6 +295,7 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
     results["summary"] = summary(results)
     results["fast_path_problems"] = fast_path_problems(results)
     results["wall_s"] = time.perf_counter() - t_start
+    results["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return results
 
 
@@ -377,7 +379,6 @@ def format_table(res: dict) -> str:
 
 def save_json(res: dict, path) -> None:
     """Write ``res`` as JSON atomically (a temporary file beside it, then a rename: never a torn file)."""
-    import os
     from pathlib import Path
 
     path = Path(path)
