@@ -60,9 +60,9 @@ def peer_version(name: str) -> str:
 def export_for_peers(model, path, iters: int) -> dict:
     """Export ``model`` with ``iters`` fixed-point iterations unrolled (+ its extra step, from its learned
     initial state when attached); the metadata written and the export's wall time (``export_s``)."""
-    from ldeq_fast.export import export_onnx
-
     import warnings
+
+    from ldeq_fast.export import export_onnx
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():

@@ -122,7 +122,13 @@ def test_time_to_accuracy_with_peers(tmp_path, monkeypatch):
     """Equal accuracy: each path at its cheapest setting that its own run verifies; the ONNX peer runs from
     the learned initial state (in the export) and agrees with the fpi curve; a missing peer is skipped."""
     pytest.importorskip("onnxruntime")
-    from ldeq_fast.accuracy import format_time_to_accuracy, plot_accuracy, recommend, run_accuracy, time_to_accuracy
+    from ldeq_fast.accuracy import (
+        format_time_to_accuracy,
+        plot_accuracy,
+        recommend,
+        run_accuracy,
+        time_to_accuracy,
+    )
     from ldeq_fast.model.init_state import new_initial_state
 
     cfg = tiny_config(max_iters=3)
