@@ -131,13 +131,13 @@ def test_time_to_accuracy_with_peers(tmp_path, monkeypatch):
     )
     from ldeq_fast.model.init_state import new_initial_state
 
-    cfg = tiny_config(max_iters=3)
+    cfg = tiny_config(max_iters=3, n_keypoints=98)   # an NME layout (inter-ocular indices)
     model = LDEQ(cfg).eval()
     model.load_state_dict(contractive_state(cfg))
     torch.manual_seed(3)
     model.set_initial_state(new_initial_state(model))
     x = torch.randn(6, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    labels = torch.rand(6, 19, 2, generator=torch.Generator().manual_seed(2))
+    labels = torch.rand(6, 98, 2, generator=torch.Generator().manual_seed(2))
     res = run_accuracy(model, x, labels, evals=(2, 3, 4), converged_iters=8, progress=False)
     res["recommendation"] = recommend(res, 50.0)
     monkeypatch.setitem(sys.modules, "openvino", None)
