@@ -21,8 +21,9 @@ import torch
 
 ONNX_PEERS = ("onnxruntime", "openvino")
 PEERS = ONNX_PEERS + ("compile",)
-# the unrolled-graph peer a default ``ldeq-fast bench`` runs: the first installed of these (OpenVINO was the
-# faster of the two on the development Xeon: bench/results/model_cpu_peers.json)
+# the unrolled-graph peer a default ``ldeq-fast bench`` runs: the first installed of these (a fixed order, not
+# measured per run: a second peer would cost the default run another minute; the all-peers run,
+# bench/results/model_cpu_peers.json, times both)
 DEFAULT_PEER_ORDER = ("openvino", "onnxruntime")
 ONNX_EXPORTER = "torchscript"   # the same graph as the dynamo exporter, exported an order of magnitude faster
 _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "compile": "torch"}
