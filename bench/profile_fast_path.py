@@ -76,15 +76,29 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--small", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", default=None, help="'demo' or an ldeq_fast .pt (with its learned init when it has "
+                   "one) instead of the random-weight default model")
+    p.add_argument("--solver", default=None, help="solve with this method (then with tolerance 0: a fixed budget)")
+    p.add_argument("--max-iters", type=int, default=None, help="iterations (then with tolerance 0)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     device = torch.device(a.device)
     torch.manual_seed(0)
-    cfg = LDEQConfig.small() if a.small else LDEQConfig()
-    model = LDEQ(cfg).to(device).eval()
+    if a.model:
+        from ldeq_fast.video.cli import load_model
+
+        model = load_model(a.model).to(device).eval()
+        cfg = model.cfg
+    else:
+        cfg = LDEQConfig.small() if a.small else LDEQConfig()
+        model = LDEQ(cfg).to(device).eval()
+    over = {k: v for k, v in (("solver", a.solver), ("max_iters", a.max_iters)) if v is not None}
+    if over:   # e.g. the equal-accuracy setting of bench --accuracy: a fixed budget
+        cfg = cfg.replace(**over, rel_tol=0.0, abs_tol=0.0)
     images = torch.randn(a.batch, 3, cfg.im_size, cfg.im_size, device=device)
     res = {"machine": machine_info(device), "device": str(device), "batch": a.batch, "small": a.small,
-           "paths": {}}
+           "model": a.model or "random weights", "solver_overrides": over,
+           "learned_init": getattr(model, "initial_state", None) is not None, "paths": {}}
     paths = [("reference", "torch", None), ("fast", "auto", None)]
     if device.type == "cuda":
         paths.append(("fast_bf16", "auto", torch.bfloat16))  # the GPU recipe: bf16 autocast

@@ -220,7 +220,11 @@ def plot_accuracy(res: dict, path, title: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     key = "nme" if res["labels"] else "vs_converged"
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ta = res.get("time_to_accuracy")
+    if ta:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(12.4, 4.4), gridspec_kw={"width_ratios": [1.1, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
     styles = {("fpi", "zeros"): ("C0", "o", "--"), ("anderson", "zeros"): ("C1", "s", "--"),
               ("fpi", "learned"): ("C0", "o", "-"), ("anderson", "learned"): ("C1", "s", "-")}
     for c in res["curves"]:
@@ -245,6 +249,225 @@ def plot_accuracy(res: dict, path, title: str | None = None) -> None:
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9) - (0 if res["labels"] else lo), hi + 0.35 * (hi - lo + 1e-9))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    if ta:
+        _plot_time_to_accuracy(bx, ta)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- equal accuracy
+EQUAL_ACCURACY_PATHS = ("reference", "published", "fast", "onnxruntime", "openvino")
+TIMING_BATCHES = (1, 8)
+
+
+def _path_curves(res: dict, path: str, use_init: bool) -> list[dict]:
+    """The curves a path may pick its setting from: fast and reference any solver and start; published the
+    published code's zeros start; the ONNX peers fixed-point iterations from the start the export has (the
+    learned initial state when attached)."""
+    cs = res["curves"]
+    if path in ("fast", "reference"):
+        return cs
+    if path == "published":
+        return [c for c in cs if c["z0"] == "zeros"]
+    return [c for c in cs if c["method"] == "fpi" and c["z0"] == ("learned" if use_init else "zeros")]
+
+
+class _Candidate:
+    """One path at one setting: a callable images -> keypoints and what it is."""
+
+    def __init__(self, path, curve, point, call, what):
+        self.path, self.curve, self.point, self.call, self.what = path, curve, point, call, what
+        self.key = f"{path}:{curve['method']}/{curve['z0']}/{point['evals']}"
+
+
+def _model_at(model, path: str, setting: dict, init: bool):
+    import copy
+
+    m = copy.deepcopy(model).eval()
+    over = {"backend": "torch"} if path in ("reference", "published") else {}
+    if path == "published":
+        over["solver_semantics"] = "published"
+    m.cfg = model.cfg.replace(**setting, **over, rel_tol=0.0, abs_tol=0.0, stochastic_max_iters=False)
+    if not init:
+        m.set_initial_state(None)
+    return m
+
+
+def _candidate(path, curve, point, model, tmpdir):
+    from ldeq_fast import peers
+
+    init = curve["z0"] == "learned"
+    if path in peers.ONNX_PEERS:
+        m = _model_at(model, "reference", point["setting"], init)
+        f = f"{tmpdir}/{curve['method']}_{curve['z0']}_{point['evals']}.onnx"
+        iters = point["setting"]["max_iters"]
+        export = peers.export_for_peers(m, f, iters)
+        peer = peers.OnnxPeer(path, f)
+        return _Candidate(path, curve, point, peer, {"export": export, **peer.info()})
+    m = _model_at(model, path, point["setting"], init)
+
+    def call(x, m=m):
+        return m(x).keypoints
+
+    return _Candidate(path, curve, point, call, {"backend": m.cfg.backend, "semantics": m.cfg.solver_semantics})
+
+
+@torch.no_grad()
+def _predict_all(call, images: torch.Tensor, device, batch: int) -> torch.Tensor:
+    return torch.cat([call(images[i:i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
+
+
+def time_to_accuracy(model, images: torch.Tensor, labels: torch.Tensor | None, res: dict, within_pct: float = 1.0,
+                     paths=None, batches=TIMING_BATCHES, repeats: int = 5, batch: int = 64,
+                     progress: bool = True) -> dict:
+    """Time per image to come within ``within_pct`` of the converged error (``recommend``'s rule), each path
+    at its cheapest setting that gets there.
+
+    Per path, per allowed curve (``_path_curves``), the fewest cell evaluations the curve puts within the
+    limit; that setting is then run on this path over all the images and its own error checked (the next
+    evaluation count if it misses: a peer rounds differently).  Every candidate that gets there is timed at
+    each batch size, interleaved with the others, the order rotated each repeat, median; a path's figure is
+    its fastest candidate.  Peers that are not installed are skipped and said so.
+    """
+    import tempfile
+
+    from ldeq_fast import peers
+    from ldeq_fast.benchmark import path_order
+
+    paths = EQUAL_ACCURACY_PATHS if paths is None else tuple(paths)
+    unknown = sorted(set(paths) - set(EQUAL_ACCURACY_PATHS))
+    if unknown:
+        raise ValueError(f"unknown path(s) {unknown} for the equal-accuracy timing; available: "
+                         f"{list(EQUAL_ACCURACY_PATHS)}")
+    rec = recommend(res, within_pct)
+    key = "nme" if res["labels"] else "vs_converged"
+    device = next(model.parameters()).device
+    use_init = model.initial_state is not None
+    conv = None if labels is not None else converged_keypoints(model, images, res["converged_iters"], batch)
+    out = {"rule": rec["rule"], "limit": rec["limit"], "error": key, "batches": list(batches), "repeats": repeats,
+           "order": "rotated by one candidate each repeat", "skipped": [], "candidates": [], "paths": {}}
+    from ldeq_fast import _ext
+
+    for p in paths:
+        why = peers.missing_reason(p) if p in peers.ONNX_PEERS else None
+        if p == "fast" and device.type == "cpu" and not _ext.has_cpp():
+            why = _ext.missing_reason()
+        if why:
+            out["skipped"].append({"path": p, "why": why})
+    paths = [p for p in paths if p not in {s["path"] for s in out["skipped"]}]
+    tmp = tempfile.TemporaryDirectory(prefix="ldeq_fast_accuracy_")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="time to accuracy", unit="run", leave=False)
+    try:
+        cands = []
+        for p in paths:
+            for curve in _path_curves(res, p, use_init):
+                pts = sorted(curve["points"], key=lambda q: q["evals"])
+                start = next((i for i, q in enumerate(pts) if q[key] <= rec["limit"]), None)
+                if start is None:
+                    continue
+                for q in pts[start:]:          # the curve's first point within; later ones if this path misses
+                    c = _candidate(p, curve, q, model, tmp.name)
+                    kp = _predict_all(c.call, images, device, batch)
+                    err = float(metrics.nme_per_image(kp, labels).mean() if labels is not None
+                                else distance_to(kp, conv).mean())
+                    entry = {"path": p, "method": curve["method"], "z0": curve["z0"], "evals": q["evals"],
+                             "cost_evals": q["cost_evals"], "setting": q["setting"], key: err,
+                             "within": err <= rec["limit"], "ran": c.what}
+                    out["candidates"].append(entry)
+                    if bar is not None:
+                        bar.update(1)
+                    if entry["within"]:
+                        c.entry = entry
+                        cands.append(c)
+                        break
+        for bs in batches:
+            x = images[:bs].to(device)
+            times = {c.key: [] for c in cands}
+            for rep in range(repeats + 1):           # rep 0: warm-up
+                for k in path_order([c.key for c in cands], rep):
+                    c = next(c for c in cands if c.key == k)
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        c.call(x)
+                    if rep:
+                        times[k].append(time.perf_counter() - t0)
+                    if bar is not None:
+                        bar.update(1)
+            for c in cands:
+                c.entry.setdefault("ms_per_image", {})[str(bs)] = 1e3 * statistics.median(times[c.key]) / bs
+                c.entry.setdefault("times_s", {})[str(bs)] = times[c.key]
+    finally:
+        if bar is not None:
+            bar.close()
+        tmp.cleanup()
+    for p in paths:
+        ok = [e for e in out["candidates"] if e["path"] == p and e["within"]]
+        if not ok:
+            out["paths"][p] = {"reached": False}
+            continue
+        best = {}
+        for bs in map(str, batches):
+            e = min(ok, key=lambda e: e["ms_per_image"][bs])
+            best[bs] = {"ms_per_image": e["ms_per_image"][bs], "method": e["method"], "z0": e["z0"],
+                        "evals": e["evals"], key: e[key]}
+        out["paths"][p] = {"reached": True, "best": best,
+                           **({"version": peers.peer_version(p)} if p in peers.ONNX_PEERS else {})}
+    for bs in map(str, batches):
+        others = {p: v["best"][bs]["ms_per_image"] for p, v in out["paths"].items() if v["reached"] and p != "fast"}
+        if out["paths"].get("fast", {}).get("reached") and others:
+            f = out["paths"]["fast"]["best"][bs]["ms_per_image"]
+            out.setdefault("fast_speedup", {})[bs] = {p: t / f for p, t in others.items()}
+            out.setdefault("fast_ahead_of_all", {})[bs] = all(t > f for t in others.values())
+    return out
+
+
+def format_time_to_accuracy(ta: dict) -> str:
+    key = ta["error"]
+    lines = [f"time per image to come within the limit ({ta['rule']}), each path at its cheapest setting that gets "
+             f"there; median of {ta['repeats']} interleaved runs"]
+    lines.append(f"{'path':<12} " + " ".join(f"{'ms/img b' + b:>11}" for b in map(str, ta["batches"]))
+                 + "  setting (at the last batch)         error %   fast is")
+    last = str(ta["batches"][-1])
+    for p, v in ta["paths"].items():
+        if not v["reached"]:
+            lines.append(f"{p:<12} did not come within the limit at any measured setting")
+            continue
+        b = v["best"][last]
+        sp = ta.get("fast_speedup", {}).get(last, {}).get(p)
+        name = p + (f" {v['version']}" if "version" in v else "")
+        lines.append(f"{name:<12} " + " ".join(f"{v['best'][bs]['ms_per_image']:>11.2f}" for bs in map(str, ta["batches"]))
+                     + f"  {b['method']} from {b['z0']}, {b['evals']} evaluations".ljust(36)
+                     + f" {100 * b[key]:>7.3f}   " + ("-" if sp is None else f"{sp:.2f}x faster"))
+    for s in ta["skipped"]:
+        lines.append(f"(skipped {s['path']}: {s['why']})")
+    for bs, ahead in ta.get("fast_ahead_of_all", {}).items():
+        lines.append(f"batch {bs}: fast {'ahead of' if ahead else 'NOT ahead of'} every other path")
+    return "\n".join(lines)
+
+
+def _plot_time_to_accuracy(ax, ta: dict) -> None:
+    """Bars: ms per image to come within the limit, per path and batch, each bar labelled with its setting."""
+    names = [p for p, v in ta["paths"].items() if v["reached"]]
+    batches = [str(b) for b in ta["batches"]]
+    w = 0.8 / max(1, len(batches))
+    for j, bs in enumerate(batches):
+        ys = [ta["paths"][p]["best"][bs]["ms_per_image"] for p in names]
+        xs = [i + (j - (len(batches) - 1) / 2) * w for i in range(len(names))]
+        bars = ax.bar(xs, ys, w, label=f"batch {bs}", color=f"C{j}")
+        for b, p in zip(bars, names):
+            v = ta["paths"][p]["best"][bs]
+            ax.annotate(f"{v['method']}/{v['z0']}\n{v['evals']} ev", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([p + (f"\n{ta['paths'][p]['version']}" if "version" in ta["paths"][p] else "")
+                        for p in names], fontsize=8)
+    ax.set_ylabel("ms per image")
+    ax.set_title("time to come within 1% of the converged error" if "1%" in ta["rule"] else "time to the limit",
+                 fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)

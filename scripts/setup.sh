@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up ldeq_fast in the current Python environment.
-#   bash scripts/setup.sh            # the package, its native extension, video/export extras
+#   bash scripts/setup.sh            # the package, its native extension, video/export/peers extras (peers:
+#                                    # onnxruntime and OpenVINO, which ldeq-fast bench times beside the fast path)
 #   bash scripts/setup.sh test       # ... plus test dependencies (pytest, torchdeq, onnxruntime, triton)
 # An installed torch (e.g. your CUDA build) is kept.  Without one: a GPU machine gets the default torch
 # wheel; a machine without a GPU gets a CPU-only wheel, not the multi-GB CUDA build.
@@ -23,7 +24,7 @@ else
   $PIP "torch==$CPU_TORCH"
 fi
 
-extras="video,export"
+extras="video,export,peers"
 if [ "${1:-}" = "test" ]; then extras="$extras,test,triton"; fi
 # --no-build-isolation: build the extension against the torch installed above, not a fresh one
 $PIP --no-build-isolation -e ".[$extras]"

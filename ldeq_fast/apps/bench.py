@@ -15,8 +15,11 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--max-iters", type=int, default=None, help="solver iterations (default: the config's 10)")
     b.add_argument("--small", action="store_true", help="a narrow 128x128 model instead of the published size")
     b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    b.add_argument("--paths", default=None, help="comma-separated paths: reference (always run), fast, published "
-                   "(default: reference,fast)")
+    b.add_argument("--paths", default=None, help="comma-separated paths: reference (always run), fast, published, "
+                   "onnxruntime, openvino (the ONNX export; fast then also runs its fpi computation), compile "
+                   "(torch.compile of the reference; compiles for minutes) (default: reference,fast,published and "
+                   "the first installed of openvino, onnxruntime); with --accuracy: the paths timed to equal "
+                   "accuracy (default: reference,published,fast,onnxruntime,openvino; 'none': no timing)")
     b.add_argument("--json", default=None, help="also write the results as JSON to this file")
     b.add_argument("--no-progress", action="store_true")
     add_accuracy_arguments(b)
@@ -92,6 +95,7 @@ def run_accuracy_report(a) -> int:
         plot_accuracy,
         recommend,
         run_accuracy,
+        time_to_accuracy,
     )
     from ldeq_fast.benchmark import save_json
     from ldeq_fast.fit_init import synthetic_images
@@ -112,10 +116,17 @@ def run_accuracy_report(a) -> int:
     res = run_accuracy(model, images, labels, evals=a.evals or EVALS, converged_iters=a.converged_iters,
                        batch=a.accuracy_batch, progress=not a.no_progress)
     res["recommendation"] = recommend(res, a.within)
+    if a.paths != "none":   # the paths and peers timed to the same accuracy (ldeq_fast.accuracy.time_to_accuracy)
+        res["time_to_accuracy"] = time_to_accuracy(model, images, labels, res, a.within, a.paths and a.paths.split(","),
+                                                   progress=not a.no_progress)
     res.update(machine=finish_record(machine), model=what, config=c.to_dict(),
                stills={"n": n, "seed": seed, "difficulty": a.difficulty, "size": c.im_size},
                initial_state=getattr(model, "initial_state_info", None))
     print(format_accuracy(res))
+    if "time_to_accuracy" in res:
+        from ldeq_fast.accuracy import format_time_to_accuracy
+
+        print(format_time_to_accuracy(res["time_to_accuracy"]))
     if a.json:
         save_json(res, a.json)
         print(f"wrote {a.json}")

@@ -31,7 +31,7 @@ def _reference_rounding_px() -> dict:
 def test_bench_small_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "ldeq_fast.cli", "bench", "--small", "--batch", "1,2", "--repeats", "1",
-                           "--max-iters", "2", "--no-progress", "--json", str(out)],
+                           "--max-iters", "2", "--paths", "reference,fast", "--no-progress", "--json", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "images/s" in proc.stdout
@@ -39,7 +39,7 @@ def test_bench_small_runs_and_writes_json(tmp_path):
     assert res["machine"]["cores"] >= 1 and res["machine"]["torch"] and "isa_flags" in res["machine"]
     assert {"load_average_before", "load_average_after"} <= set(res["machine"])   # around the measurement
     paths = {r["path"] for r in res["rows"]}
-    assert paths == {"reference", "fast"}       # the published-semantics path only on request (--paths)
+    assert paths == {"reference", "fast"}       # as asked (--paths)
     rows = {(r["path"], r["batch"]): r for r in res["rows"]}
     assert set(rows) == {(p, b) for p in ("reference", "fast") for b in (1, 2)}
     for (path, bs), r in rows.items():
@@ -52,6 +52,29 @@ def test_bench_small_runs_and_writes_json(tmp_path):
     for bs in (1, 2):
         assert rows[("reference", bs)]["max_kpt_diff_px"] == 0.0
         assert rows[("fast", bs)]["max_kpt_diff_px"] <= 2 * bound[bs] + 1e-5, (rows[("fast", bs)], bound)
+    assert res["fast_path_problems"] == [] and "fast path ran: " in proc.stdout
+
+
+def test_bench_defaults_show_the_published_path_and_a_peer(tmp_path):
+    """A plain ``ldeq-fast bench``: reference, fast, the published path and the first installed ONNX peer (fast
+    then also runs the peer's computation); every row names its baseline and says what ran."""
+    from ldeq_fast.benchmark import default_paths
+
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "ldeq_fast.cli", "bench", "--small", "--batch", "1", "--repeats", "1",
+                           "--max-iters", "2", "--no-progress", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    paths = {r["path"] for r in res["rows"]}
+    assert paths == set(default_paths()) and {"reference", "fast", "published"} <= paths
+    for r in res["rows"]:
+        assert r["baseline"] in ("published", *paths) and r["backends"], r
+        if r["path"] == "reference":
+            assert r["max_kpt_diff_px"] == 0.0 and set(r["backends"].values()) == {"torch"}
+    fast = [r for r in res["rows"] if r["path"] == "fast"]
+    assert len(fast) == 1 + (len(paths) > 3) and all(set(r["backends"].values()) == {"cpp"} for r in fast), fast
+    assert "fast vs published" in proc.stdout
     assert res["fast_path_problems"] == [] and "fast path ran: " in proc.stdout
 
 
