@@ -3,7 +3,7 @@
 # ships for Linux, as on the H200 image), triton 3.6 and numpy < 2.3 (triton 3.6's interpreter breaks on
 # numpy >= 2.4) in a venv outside the repository, then
 #   1. the Triton tests under TRITON_INTERPRET=1 (every kernel against its PyTorch reference, on CPU);
-#   2. the compile-only harness (tests/test_triton_sm90.py): every kernel variant the GPU suite launches,
+#   2. the compile-only harness (tests/ops/test_triton_sm90.py): every kernel variant the GPU suite launches,
 #      launched through triton 3.6's own launcher, argument binding and specialisation, compiled to sm_90
 #      machine code and not run; each group's registers/spills go to $TWIN_OUT/sm90/<group>.json.
 #
@@ -60,7 +60,7 @@ TRITON_INTERPRET=1 "$TWIN_PY" -m pytest -q -p no:cacheprovider -m "triton" tests
 echo "=== 2. compile-only harness (sm_90)"
 rm -rf "$TWIN_OUT/sm90"
 LDEQ_SM90_ALL=1 LDEQ_SM90_REPORT_DIR="$TWIN_OUT/sm90" "$TWIN_PY" -m pytest -q -p no:cacheprovider -n "${TWIN_JOBS:-2}" \
-  tests/test_triton_sm90.py --junitxml "$TWIN_OUT/sm90.xml" 2>&1 | tail -n 25
+  tests/ops/test_triton_sm90.py --junitxml "$TWIN_OUT/sm90.xml" 2>&1 | tail -n 25
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
 
 # ---- counts (last)

@@ -1,4 +1,6 @@
 import os
+import pathlib
+import sys
 import tempfile
 
 import interpreter_child
@@ -8,12 +10,18 @@ import torch
 from ldeq_fast import _ext
 from ldeq_fast.ops import cpu_kernels, require_native
 
+REPO = pathlib.Path(__file__).resolve().parents[1]   # the checkout: bench/, ldeq_fast/assets/, .ci/
+# the tests are grouped by area (tests/ops, solvers, model, video, data, apps) without packages; some import
+# shared helpers from another area's test module (published checkpoints, blob images): every area is importable
+for _area in ("ops", "solvers", "model", "video", "data", "apps"):
+    sys.path.insert(0, str(REPO / "tests" / _area))
+
 # Tests are small; at most the 2-core CI machine's threads keeps timings and results stable.
 torch.set_num_threads(int(os.environ.get("LDEQ_FAST_TEST_THREADS", "2")))
 # the CPU fast path's measured layout plans (ldeq_fast/model/cpu_tuning.py) go to a cache of this run's own, never
 # the user's ~/.cache; child processes inherit it
 os.environ.setdefault("LDEQ_FAST_CACHE_DIR", tempfile.mkdtemp(prefix="ldeq_fast_test_cache_"))
-# and outside tests/test_cpu_tuning.py (which measures plans into a cache of each test's own) the fast path runs
+# and outside tests/model/test_cpu_tuning.py (which measures plans into a cache of each test's own) the fast path runs
 # its fixed layouts: a measured plan is chosen by timings and would be shared by every later test, so a test's
 # numbers would hang on the machine's load and on which test ran first
 os.environ.setdefault("LDEQ_FAST_CPU_TUNING", "off")

@@ -7,15 +7,16 @@ left for the GPU.
 """
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
 import tarfile
 
+from conftest import REPO
+
 from ldeq_fast.numerics import native_bf16
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = REPO
 SUITE = ROOT / "bench" / "gpu_suite.sh"
 LIMIT_S = 420                     # one command on the GPU machine: <= 7 minutes
 FILES_BACK = 8                    # the GPU machine returns at most 8 files from $OUT

@@ -3,9 +3,11 @@ import json
 import os
 import sys
 
+from conftest import REPO
+
 from ldeq_fast import machine
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+BENCH = str(REPO / "bench")
 
 
 def test_record_has_the_cpu_identity_isa_flags_and_the_load_before_and_after(monkeypatch):

@@ -15,10 +15,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from ldeq_fast.ops import triton_available
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 HIDE_INSTALL = """
 import sys

@@ -109,7 +109,7 @@ def oracle_forward(model, x, z0, args):
 def backend(request):
     """'torch': the plain published path (the published arithmetic, compared at 1e-6); 'cpp': the default
     fused engine and fast cell on CPU (the same arithmetic rounded differently: landmarks within 1e-3
-    heatmap px).  The Triton engine runs these checks in tests/test_fused_solver.py (interpreter child)."""
+    heatmap px).  The Triton engine runs these checks in tests/solvers/test_fused_solver.py (interpreter child)."""
     if request.param == "cpp" and not _ext.has_cpp():
         pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
     return request.param

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 from ldeq_fast import LDEQ, LDEQConfig
 from ldeq_fast.model import load_published, load_weights, save_weights
@@ -20,7 +21,7 @@ from ldeq_fast.model.init_state import (
 from ldeq_fast.model.published import save_published
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ASSETS = Path(__file__).resolve().parent.parent / "ldeq_fast" / "assets"
+ASSETS = REPO / "ldeq_fast" / "assets"
 
 
 def _model(backend="auto", **changes):

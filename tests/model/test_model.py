@@ -4,11 +4,11 @@ import pathlib
 
 import pytest
 import torch
-from conftest import needs_cpp
+from conftest import REPO, needs_cpp
 
 from ldeq_fast import LDEQ, LDEQConfig
 
-DATA = pathlib.Path(__file__).parent / "data"
+DATA = pathlib.Path(__file__).parent   # published_state_dict_shapes.json
 
 
 def test_default_parameter_count_and_published_names():
@@ -135,7 +135,7 @@ def fp32_convs():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
-DEMO = pathlib.Path(__file__).resolve().parent.parent / "ldeq_fast" / "assets" / "demo_synthetic.pt"
+DEMO = REPO / "ldeq_fast" / "assets" / "demo_synthetic.pt"
 
 
 @pytest.fixture(scope="module")

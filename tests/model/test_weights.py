@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 
 import ldeq_fast.model.weights as weights_mod
 from ldeq_fast import LDEQ, LDEQConfig
 from ldeq_fast.model import load_weights, save_weights
 from ldeq_fast.model.checkpoint import CheckpointError
 
-DEMO = Path(__file__).resolve().parent.parent / "ldeq_fast" / "assets" / "demo_synthetic.pt"
+DEMO = REPO / "ldeq_fast" / "assets" / "demo_synthetic.pt"
 
 
 def small(seed=0, **kw):

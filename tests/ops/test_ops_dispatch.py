@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import REPO as CHECKOUT
 from conftest import needs_cpp, tiny_config
 
 import ldeq_fast.ops as ops
@@ -18,7 +19,7 @@ from ldeq_fast.ops import heatmap, leaky_relu_group_norm  # noqa: F401 - defines
 
 OPS = ("anderson_update", "anderson_step", "anderson_mix", "leaky_relu_group_norm", "leaky_relu_group_norm_backward",
        "softargmax_heatmaps", "softargmax_heatmaps_backward", "heatmap_keypoints", "heatmap_keypoints_backward")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = str(CHECKOUT)
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +102,7 @@ def _run_hidden_extension(code: str, **env):
         class _HideExtension:
             def find_spec(self, name, path=None, target=None):
                 if name == "ldeq_fast._C":
-                    raise ImportError("hidden by tests/test_ops_dispatch.py")
+                    raise ImportError("hidden by tests/ops/test_ops_dispatch.py")
                 return None
         sys.meta_path.insert(0, _HideExtension())
     ''')
@@ -129,7 +130,7 @@ def test_ci_switch_fails_the_test_run_when_the_extension_is_missing():
     otherwise skip every C++ test and pass)."""
     proc = _run_hidden_extension(textwrap.dedent('''
         import sys, pytest
-        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_config.py"]))
+        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/model/test_config.py"]))
     '''), LDEQ_FAST_REQUIRE_NATIVE="1")
     assert proc.returncode != 0
     assert "LDEQ_FAST_REQUIRE_NATIVE=1 but the C++ kernels" in proc.stdout + proc.stderr

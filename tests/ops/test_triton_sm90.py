@@ -27,6 +27,7 @@ import tempfile
 
 import pytest
 import torch
+from conftest import REPO
 
 from ldeq_fast import LDEQConfig
 from ldeq_fast.ops import load_triton_kernels
@@ -39,7 +40,7 @@ SUITE_BATCHES = (1, 8, 16, 32, 64)
 # the GPU tests' shapes in every dtype (fp64/bf16/fp16 too: ~180 more compiles, minutes on a 2-core CPU) only
 # where asked: bench/gpu_twin.sh and the GPU suite's `kernels` step set it; the model launches always run
 ALL_TEST_DTYPES = os.environ.get("LDEQ_SM90_ALL") == "1"
-DEMO = os.path.join(os.path.dirname(__file__), "..", "ldeq_fast", "assets", "demo_synthetic.json")
+DEMO = str(REPO / "ldeq_fast" / "assets" / "demo_synthetic.json")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def launch_solver(upd, step, mix, B, D, m, max_iter, beta=1.0, dtype=torch.float
 def launch_groups() -> dict:
     """{group: [(label, thunk), ...]} of every launch of the GPU suite: the model-shaped launches by model,
     activation dtype and layout (each at all the suite's batches), the heatmap and solver launches by model,
-    and the GPU tests' shapes (tests/test_kernels_triton.py's lists)."""
+    and the GPU tests' shapes (the op test files' shape lists)."""
     from test_anderson import ANDERSON_SHAPES
     from test_heatmap import HEATMAP_SHAPES
     from test_leaky_relu_group_norm import NORM_SHAPES

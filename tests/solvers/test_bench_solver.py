@@ -2,14 +2,13 @@
 bench's own maps, so the figures it times are of solvers that give the right answer.
 
 (Was bench/test_bench_solver.py, outside testpaths, where the reference was compared with itself.)"""
-import os
 import sys
 
 import pytest
 import torch
-from conftest import needs_cpp
+from conftest import REPO, needs_cpp
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+sys.path.insert(0, str(REPO / "bench"))
 from bench_solver import AGREEMENT_RTOL, agreement, cheap_map, solvers  # noqa: E402
 
 from ldeq_fast.ops.anderson import resolve_backend  # noqa: E402

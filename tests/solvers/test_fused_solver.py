@@ -60,7 +60,7 @@ def fused_solve(f, z0, backend, method="anderson", damping=1.0, **kw):
 @pytest.fixture(params=["torch-ops", "cpp"])
 def logic_backend(request):
     """For tests of the engine's logic, which does not depend on the kernels: the Triton ops are
-    checked against the same references in tests/test_anderson.py, and the interpreter is slow."""
+    checked against the same references in tests/ops/test_anderson.py, and the interpreter is slow."""
     if request.param == "cpp" and not _ext.has_cpp():
         pytest.skip(f"C++ extension not built: {_ext.missing_reason()}")
     return {"torch-ops": "torch", "cpp": "cpp"}[request.param]
@@ -466,8 +466,9 @@ def test_forced_backend_is_honoured():
         solve(f, z0, m=1, semantics="published", backend="cpp" if _ext.has_cpp() else "auto")
 
 
+@pytest.mark.triton
 def test_published_model_parity_triton(triton_interpret_model):
-    """The published-format model (tests/test_compat_published.py's tiny checkpoint) on the Triton engine and
+    """The published-format model (tests/model/test_compat_published.py's tiny checkpoint) on the Triton engine and
     cell under the interpreter (one sample, one Anderson iteration: the interpreter is slow; the solver-level
     Triton tests above cover longer runs and fpi): landmarks within 1e-3 heatmap px of the plain published
     path, the same published logs, and what ran recorded as 'triton'."""
@@ -498,6 +499,5 @@ def test_published_model_parity_triton(triton_interpret_model):
 def triton_interpret_model(tmp_path):
     pytest.importorskip("triton")
     if not INTERPRETED:
-        pytest.skip("runs in the TRITON_INTERPRET=1 child process started by "
-                    "tests/test_anderson.py::test_triton_suite_in_interpreter")
+        pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py)")
     return tmp_path
