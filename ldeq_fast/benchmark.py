@@ -296,7 +296,6 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
     results["fast_path_problems"] = fast_path_problems(results)
     finish_record(results["machine"])
     results["wall_s"] = time.perf_counter() - t_start
-    results["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return results
 
 

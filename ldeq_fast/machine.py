@@ -69,8 +69,6 @@ def machine_info() -> dict:
         "onednn": onednn_version(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        # the machine's load when the run started (1, 5, 15 min): timings on a shared machine are read with it
-        "load_avg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),

@@ -65,6 +65,9 @@ class Parent:
                                          ("teardown", "passed", None, 0.0)):
             report = pytest.TestReport(item.nodeid, item.location, keywords, out, longrepr, when, duration=dur)
             ihook.pytest_runtest_logreport(report=report)
+        # what pytest's own teardown does: finish the fixtures and collectors (module, class) the next item does
+        # not share, which earlier in-process tests set up (else the next module's first test errors in setup)
+        item.session._setupstate.teardown_exact(nextitem)
         ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
         return True
 

@@ -25,7 +25,7 @@ def test_require_native_fails_the_session_without_triton(tmp_path):
     (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['triton'] = None  # import triton fails\n")
     path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           os.path.join(TESTS, "test_config.py")], cwd=ROOT, capture_output=True, text=True,
+                           os.path.join(TESTS, "model", "test_config.py")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=_env(PYTHONPATH=path, LDEQ_FAST_REQUIRE_NATIVE="1"))
     out = proc.stdout + proc.stderr
     assert proc.returncode == pytest.ExitCode.USAGE_ERROR, out[-3000:]
@@ -33,7 +33,7 @@ def test_require_native_fails_the_session_without_triton(tmp_path):
     assert " passed" not in out
     # the same session without the flag starts (the shim really is the only difference)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
-                           os.path.join(TESTS, "test_config.py")], cwd=ROOT, capture_output=True, text=True,
+                           os.path.join(TESTS, "model", "test_config.py")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=_env(PYTHONPATH=path, LDEQ_FAST_REQUIRE_NATIVE="0"))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
@@ -114,3 +114,42 @@ def test_child_that_does_not_run_fails_every_test(tmp_path):
     assert rc == 1, out
     assert "2 failed" in out and " passed" not in out, out
     assert "the TRITON_INTERPRET=1 child run exited with 4" in out and "not found" in out, out
+
+
+FIRST_MODULE = """
+import os
+import pytest
+
+CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+
+@pytest.fixture(scope="module")
+def module_state():
+    yield "set up"
+
+def test_in_parent_with_a_module_fixture(module_state):
+    assert module_state == "set up"
+
+@pytest.mark.triton
+def test_last_of_its_module_in_child():
+    assert CHILD
+"""
+
+SECOND_MODULE = """
+def test_first_of_the_next_module():
+    pass
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the triton tests run in-process")
+def test_a_delegated_test_last_in_its_module_tears_the_module_down(tmp_path):
+    """A module whose last test ran in the child is torn down as pytest would (its module fixtures finished), so
+    the next module's first test sets up cleanly instead of erroring with 'previous item was not torn down'."""
+    pytest.importorskip("triton")
+    (tmp_path / "conftest.py").write_text(CONFTEST)
+    (tmp_path / "test_probe.py").write_text(textwrap.dedent(FIRST_MODULE))
+    (tmp_path / "test_zz_second.py").write_text(textwrap.dedent(SECOND_MODULE))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "--rootdir",
+                           str(tmp_path), str(tmp_path / "test_probe.py"), str(tmp_path / "test_zz_second.py")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=_env(CUDA_VISIBLE_DEVICES=""))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "3 passed" in out and "error" not in out.lower(), out

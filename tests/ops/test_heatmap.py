@@ -6,7 +6,7 @@ import torch
 from conftest import INTERPRETED, TRITON_DEVICE, close_rel, needs_cpp
 
 from ldeq_fast.ops import heatmap as hmo
-from ldeq_fast.ops import triton_available
+from ldeq_fast.ops import load_triton_kernels, triton_available
 
 SHAPES = [(1, 1, 1, 1), (1, 1, 3, 3), (3, 7, 17, 17), (2, 4, 6, 9), (1, 3, 64, 64), (2, 2, 5, 130)]
 NAMES = ("heatmaps", "keypoints", "spread", "published")
@@ -157,7 +157,7 @@ def triton_kernels():
         pytest.skip("triton is not installed")
     if TRITON_DEVICE == "cpu" and not INTERPRETED:
         pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py) or on a GPU")
-    return hmo.load_triton_kernels("heatmap")
+    return load_triton_kernels("heatmap")
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 6, 9)], ids=lambda s: "x".join(map(str, s)))

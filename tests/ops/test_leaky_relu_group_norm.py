@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import INTERPRETED, TRITON_DEVICE, close_rel, needs_cpp
 
 from ldeq_fast.ops import leaky_relu_group_norm as gn
-from ldeq_fast.ops import triton_available
+from ldeq_fast.ops import load_triton_kernels, triton_available
 
 # (N, C, H, W, groups): minimal (F.group_norm refuses N * H * W == 1), odd, G = 1 / 2 / C, and sizes that split one group / one row / one
 # channels_last image over several parallel tasks.
@@ -179,7 +179,7 @@ def triton_kernels():
         pytest.skip("triton is not installed")
     if TRITON_DEVICE == "cpu" and not INTERPRETED:
         pytest.skip("runs in the TRITON_INTERPRET=1 child run (tests/interpreter_child.py) or on a GPU")
-    return gn.load_triton_kernels("leaky_relu_group_norm")
+    return load_triton_kernels("leaky_relu_group_norm")
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 1, 1), (1, 7, 3, 3, 7), (2, 6, 5, 3, 2), (1, 5, 17, 17, 1)],
