@@ -129,7 +129,7 @@ def _root_solve(f, x0, max_iters, solver_args, stochastic_max_iters, save_trajec
             raise ValueError(f"save_trajectory needs the plain published solver (backend 'torch'): the fused engine "
                              f"(backend {backend!r}) keeps no iterates")
         warn_once("published-trajectory", "ldeq_fast: save_trajectory runs the plain published solver "
-                       "(backend 'torch'; the fused engine keeps no iterates)")
+                  "(backend 'torch'; the fused engine keeps no iterates)")
         backend = "torch"
     kw = {}
     if method == "anderson":

@@ -25,7 +25,7 @@ def load_model(spec, init="auto"):
     if str(spec) == "demo":
         if not DEMO_MODEL.is_file():
             raise FileNotFoundError(f"the shipped demo model is missing ({DEMO_MODEL}); reinstall ldeq_fast or "
-                                    "train one with the command in the README")
+                                    "train one: see docs/training.md")
         return load_weights(DEMO_MODEL, init=init)
     p = Path(spec)
     if p.suffix == ".pt" and p.with_suffix(".json").is_file():

@@ -79,7 +79,7 @@ def _solve(f, z0, method, max_iter, tol, stop_mode, m, lam, lam_mode, beta, damp
                              "backend='torch' (or 'auto', which runs the PyTorch reference and records 'torch')")
         if backend == "auto":
             warn_once("broyden-auto", "ldeq_fast: method='broyden' has no fused kernels; backend 'auto' runs "
-                           "the PyTorch reference solver (recorded as backend 'torch')")
+                      "the PyTorch reference solver (recorded as backend 'torch')")
         return broyden_reference(f, z0, max_iter, tol, stop_mode, divergence_factor)
     if semantics == "published":
         if backend == "torch":  # the plain published solvers: the reference the fused engine is measured against
