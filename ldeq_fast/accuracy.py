@@ -333,7 +333,7 @@ def time_to_accuracy(model, images: torch.Tensor, labels: torch.Tensor | None, r
     import tempfile
 
     from ldeq_fast import peers
-    from ldeq_fast.benchmark import path_order
+    from ldeq_fast.benchmark import SETTLE_S, path_order, settle
 
     paths = EQUAL_ACCURACY_PATHS if paths is None else tuple(paths)
     unknown = sorted(set(paths) - set(EQUAL_ACCURACY_PATHS))
@@ -346,7 +346,7 @@ def time_to_accuracy(model, images: torch.Tensor, labels: torch.Tensor | None, r
     use_init = model.initial_state is not None
     conv = None if labels is not None else converged_keypoints(model, images, res["converged_iters"], batch)
     out = {"rule": rec["rule"], "limit": rec["limit"], "error": key, "batches": list(batches), "repeats": repeats,
-           "order": "rotated by one candidate each repeat", "skipped": [], "candidates": [], "paths": {}}
+           "order": "rotated by one candidate each repeat", "settle_s": SETTLE_S, "skipped": [], "candidates": [], "paths": {}}
     from ldeq_fast import _ext
 
     for p in paths:
@@ -391,6 +391,7 @@ def time_to_accuracy(model, images: torch.Tensor, labels: torch.Tensor | None, r
             for rep in range(repeats + 1):           # rep 0: warm-up
                 for k in path_order([c.key for c in cands], rep):
                     c = next(c for c in cands if c.key == k)
+                    settle(x.device)   # the last runtime's thread pool idle first (ldeq_fast.benchmark.SETTLE_S)
                     t0 = time.perf_counter()
                     with torch.no_grad():
                         c.call(x)

@@ -93,6 +93,19 @@ def path_order(names: list, rep: int) -> list:
     return list(names[k:]) + list(names[:k])
 
 
+# an untimed pause before every timed call: two runtimes in one process keep their own thread pools (PyTorch's
+# OpenMP, OpenVINO's TBB, onnxruntime's), and a pool still spinning from the last call takes the cores of the
+# next one; on 2 cores the next path's parallel regions then wait on descheduled threads (measured: 40 ms calls
+# taking 1.1-1.4 s right after a peer).  A user runs one runtime, not an alternation, so no path is charged for
+# another's idle pool.
+SETTLE_S = 0.2
+
+
+def settle(device) -> None:
+    _sync(device)
+    time.sleep(SETTLE_S)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -156,7 +169,8 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
     results = {"machine": machine_info(), "device": str(device), "config": cfg.to_dict(),
                "batch_sizes": list(batch_sizes), "repeats": repeats, "paths_requested": list(paths), "rows": [],
                "skipped": [{"path": p.name, "why": p.why_unavailable} for p in all_paths if not p.available],
-               "order": "rotated by one path each repeat (ldeq_fast.benchmark.path_order)", "call_order": {}}
+               "order": "rotated by one path each repeat (ldeq_fast.benchmark.path_order)", "call_order": {},
+               "settle_s": SETTLE_S}
     if paths == default_paths() and not any(p.kind == "onnx" for p in runnable):
         results["skipped"] += [{"path": n, "why": peers.missing_reason(n)} for n in peers.DEFAULT_PEER_ORDER
                                if n not in {s["path"] for s in results["skipped"]}]
@@ -222,7 +236,7 @@ def run_bench(batch_sizes=(1, 8), repeats=3, max_iters=None, small=False, device
             order_log.append(order)
             for k in order:
                 r = by_key[k]
-                _sync(device)
+                settle(device)
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     out = r.call(images, rep == 0)
